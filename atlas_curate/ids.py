@@ -1,0 +1,129 @@
+"""Typed scan identifiers of the ATLAS releases and their BIDS labels.
+
+Identifiers are parsed with a regex and never assembled from raw text elsewhere, so a typo in a
+folder name is an error here rather than a silently wrong subject later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NATIVE_ID = re.compile(r"^c(?P<cohort>\d{4})s(?P<subject>\d{4})t(?P<timepoint>\d{2})$")
+NATIVE_SUB = re.compile(r"^c(?P<cohort>\d{4})s(?P<subject>\d{4})$")
+ATLAS2_SUB = re.compile(r"^r(?P<cohort>\d{3})s(?P<subject>\d{3,4})$")
+NAMINGS = ("native", "atlas2")
+
+
+class IdError(ValueError):
+    """Raised for text that is not a valid identifier."""
+
+
+@dataclass(frozen=True, order=True)
+class ScanId:
+    """One scan of the native (ICPSR) release: cohort, subject and time point, e.g. ``c0001s0001t01``."""
+
+    cohort: int
+    subject: int
+    timepoint: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.cohort <= 9999 and 0 <= self.subject <= 9999 and 0 <= self.timepoint <= 99):
+            raise IdError(f"scan id out of range: cohort={self.cohort} subject={self.subject} "
+                          f"timepoint={self.timepoint}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ScanId":
+        match = NATIVE_ID.match(str(text).strip())
+        if not match:
+            raise IdError(f"not an ATLAS scan id (expected e.g. c0001s0001t01): {text!r}")
+        return cls(int(match["cohort"]), int(match["subject"]), int(match["timepoint"]))
+
+    def __str__(self) -> str:
+        return f"c{self.cohort:04d}s{self.subject:04d}t{self.timepoint:02d}"
+
+    @property
+    def cohort_id(self) -> str:
+        return f"c{self.cohort:04d}"
+
+    @property
+    def subject_id(self) -> str:
+        return f"c{self.cohort:04d}s{self.subject:04d}"
+
+    def bids_labels(self, naming: str = "native") -> tuple[str, str]:
+        """``(subject, session)`` BIDS labels: ``native`` keeps the release's IDs
+        (``c0001s0001``, ``t01``), ``atlas2`` follows ATLAS 2.0 (``r001s001``, ``1``)."""
+        if naming == "native":
+            return self.subject_id, f"t{self.timepoint:02d}"
+        if naming == "atlas2":
+            if self.cohort > 999:
+                raise IdError(f"cohort {self.cohort} does not fit the ATLAS 2.0 naming (r###)")
+            width = 3 if self.subject <= 999 else 4
+            return f"r{self.cohort:03d}s{self.subject:0{width}d}", str(self.timepoint)
+        raise IdError(f"unknown naming {naming!r}; choose one of {NAMINGS}")
+
+    @classmethod
+    def from_bids(cls, subject: str, session: str) -> "ScanId":
+        """Inverse of :meth:`bids_labels` for either naming."""
+        subject = subject.removeprefix("sub-")
+        session = session.removeprefix("ses-")
+        for pattern in (NATIVE_SUB, ATLAS2_SUB):
+            match = pattern.match(subject)
+            if match:
+                timepoint = session[1:] if session.startswith("t") else session
+                if not timepoint.isdigit():
+                    break
+                return cls(int(match["cohort"]), int(match["subject"]), int(timepoint))
+        raise IdError(f"cannot map BIDS labels sub-{subject} ses-{session} to an ATLAS scan id")
+
+
+INDI_SUBJECT = re.compile(r"^\d{1,6}$")
+INDI_SITE = re.compile(r"^Site(?P<site>\d{1,3})$")
+INDI_SESSION = re.compile(r"^t(?P<timepoint>\d{2})$")
+
+
+@dataclass(frozen=True, order=True)
+class IndiScanId:
+    """One scan of the FCP-INDI standard-space archive: ``Site1/031768/t01``."""
+
+    site: int
+    subject: int
+    timepoint: int
+
+    @classmethod
+    def parse_parts(cls, site: str, subject: str, session: str) -> "IndiScanId":
+        site_m = INDI_SITE.match(str(site).strip())
+        ses_m = INDI_SESSION.match(str(session).strip())
+        subject = str(subject).strip()
+        if not site_m or not ses_m or not INDI_SUBJECT.match(subject):
+            raise IdError(f"not an INDI scan id: site={site!r} subject={subject!r} session={session!r}")
+        return cls(int(site_m["site"]), int(subject), int(ses_m["timepoint"]))
+
+    @classmethod
+    def parse(cls, text: str) -> "IndiScanId":
+        parts = str(text).strip().split("/")
+        if len(parts) != 3:
+            raise IdError(f"not an INDI scan id (expected Site1/031768/t01): {text!r}")
+        return cls.parse_parts(*parts)
+
+    def __str__(self) -> str:
+        return f"Site{self.site}/{self.subject:06d}/t{self.timepoint:02d}"
+
+    @property
+    def cohort_id(self) -> str:
+        return f"Site{self.site}"
+
+    @property
+    def subject_id(self) -> str:
+        return f"{self.subject:06d}"
+
+    @property
+    def file_stem(self) -> str:
+        return f"{self.subject:06d}"
+
+    def bids_labels(self, naming: str = "native") -> tuple[str, str]:
+        if naming == "native":
+            return f"{self.subject:06d}", f"t{self.timepoint:02d}"
+        if naming == "atlas2":
+            return f"r{self.site:03d}s{self.subject:06d}", str(self.timepoint)
+        raise IdError(f"unknown naming {naming!r}; choose one of {NAMINGS}")

@@ -1,0 +1,155 @@
+"""Reading NIfTI and MRIcron VOI files, atomic writing, grid comparison.
+
+Every reader raises :class:`InputError` naming the file and the reason, so a per-scan outcome table
+can say exactly what was wrong with which file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+GRID_TOLERANCE_MM = 1e-3
+
+
+class InputError(Exception):
+    """A source file that cannot be used, with the file and the reason."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _decompress(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(path, f"corrupt or truncated gzip stream ({exc})") from exc
+
+
+def load_nifti(path: os.PathLike | str, *, squeeze: bool = True) -> nib.Nifti1Image:
+    """Load ``.nii``, ``.nii.gz`` or an MRIcron ``.voi`` (gzipped NIfTI under another name).
+
+    The whole file is decompressed once, so a truncated archive fails here, not halfway through
+    a later stage. A trailing singleton 4th dimension (X, Y, Z, 1) is dropped when ``squeeze``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    name = path.name.lower()
+    raw = _decompress(path) if name.endswith((".gz", ".voi")) else path.read_bytes()
+    if len(raw) < 348:
+        raise InputError(path, f"too short to be NIfTI ({len(raw)} bytes)")
+    try:
+        img = nib.Nifti1Image.from_bytes(raw)
+        # touch the data so a file cut inside the voxel block fails now
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises several types for bad headers/data
+        raise InputError(path, f"not a readable NIfTI-1 image ({type(exc).__name__}: {exc})") from exc
+    if squeeze and data.ndim == 4 and data.shape[3] == 1:
+        img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
+    elif data.ndim != 3 and squeeze:
+        raise InputError(path, f"expected a 3-D image, got shape {data.shape}")
+    return img
+
+
+def read_mask(path: os.PathLike | str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A binary mask (``> 0``, so both VOI flavours, 1 and 100 × 0.01, decode alike) and its image."""
+    img = load_nifti(path)
+    data = np.asanyarray(img.dataobj)
+    return data > 0, img
+
+
+def grid_difference(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> str | None:
+    """``None`` when two images share shape and affine (within 1e-3 mm), else a readable reason."""
+    if tuple(a.shape[:3]) != tuple(b.shape[:3]):
+        return f"shape {tuple(b.shape[:3])} differs from {tuple(a.shape[:3])}"
+    delta = np.abs(np.asarray(a.affine) - np.asarray(b.affine)).max()
+    if delta > GRID_TOLERANCE_MM:
+        return f"affine differs by up to {delta:.3g} mm"
+    return None
+
+
+def voxel_volume(img: nib.spatialimages.SpatialImage) -> float:
+    return float(abs(np.linalg.det(np.asarray(img.affine)[:3, :3])))
+
+
+@contextmanager
+def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes); rename onto ``path`` on success.
+
+    A crash or exception leaves no file under the final name and removes the temporary one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_nifti(img: nib.Nifti1Image, path: os.PathLike | str) -> Path:
+    """Atomic, deterministic save (nibabel's gzip writer stores no name and no time)."""
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
+
+
+def write_bytes(data: bytes, path: os.PathLike | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(text: str, path: os.PathLike | str) -> Path:
+    return write_bytes(text.encode("utf-8"), path)
+
+
+def copy_file(src: os.PathLike | str, path: os.PathLike | str) -> Path:
+    with atomic_path(path) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(path)
+
+
+VOI_FLAVOURS = ("unit", "percent")
+
+
+def voi_bytes(mask: np.ndarray, affine: np.ndarray, *, flavour: str = "unit") -> bytes:
+    """Encode a binary mask as an MRIcron VOI: gzipped single-file NIfTI-1, uint8, sform only.
+
+    ``unit`` stores 1 with ``scl_slope`` 1 (files since 2007); ``percent`` stores 100 with
+    ``scl_slope`` 0.01 (older files, like the MRIcron examples).
+    """
+    if flavour not in VOI_FLAVOURS:
+        raise ValueError(f"VOI flavour must be one of {VOI_FLAVOURS}")
+    value = 1 if flavour == "unit" else 100
+    data = np.where(np.asarray(mask) > 0, value, 0).astype(np.uint8)
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=4 if flavour == "percent" else 2)
+    img.set_qform(None, code=0)
+    img.header.set_data_dtype(np.uint8)
+    raw = bytearray(img.to_bytes())
+    # nibabel writes unscaled data; set the scale fields by hand as MRIcron did
+    raw[112:120] = struct.pack("<ff", 1.0 if flavour == "unit" else 0.01, 0.0)
+    return gzip.compress(bytes(raw), compresslevel=6, mtime=0)
+
+
+def write_voi(mask: np.ndarray, affine: np.ndarray, path: os.PathLike | str, *, flavour: str = "unit") -> Path:
+    return write_bytes(voi_bytes(mask, affine, flavour=flavour), path)

@@ -1,0 +1,70 @@
+"""The one place that builds and parses file names: the ATLAS releases' and BIDS's.
+
+Release layouts (see ATLAS-FACTS.md):
+
+* native (ICPSR R1.1): ``cXXXX/cXXXXsXXXXtXX/ID.nii.gz``, ``ID_LesionRaw[_k].voi``,
+  ``ID_LesionSmooth[_k].voi``, ``ID_LesionSmooth[_k].nii.gz`` (k = 1.. secondaries);
+* standard (FCP-INDI R1.1): ``ATLAS_R1.1/SiteN/SSSSSS/tNN/SSSSSS_t1w_deface_stx.nii.gz``,
+  ``SSSSSS_LesionSmooth[_k]_stx.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ids import IndiScanId, ScanId
+
+NATIVE_METADATA_NAME = "20171106_ATLAS_Meta-Data_Release_1.1_Updated.xlsx"
+STANDARD_ROOT = "ATLAS_R1.1"
+STANDARD_METADATA_NAME = "ATLAS_Meta-Data_Release_1.1_standard_mni.csv"
+
+NATIVE_MASK = re.compile(r"^(?P<id>c\d{4}s\d{4}t\d{2})_Lesion(?P<kind>Raw|Smooth)(?:_(?P<index>\d+))?"
+                         r"\.(?P<ext>voi|nii\.gz|nii)$")
+STANDARD_MASK = re.compile(r"^(?P<id>\d{6})_Lesion(?P<kind>Raw|Smooth)(?:_(?P<index>\d+))?_stx"
+                           r"\.(?P<ext>nii\.gz|nii)$")
+
+
+@dataclass(frozen=True)
+class MaskName:
+    """A parsed release lesion file name: kind ``Raw``/``Smooth``, index 0 = primary, k = ``_k``."""
+
+    scan: str
+    kind: str
+    index: int
+    ext: str
+
+
+def parse_mask_name(name: str) -> MaskName | None:
+    for pattern in (NATIVE_MASK, STANDARD_MASK):
+        match = pattern.match(name)
+        if match:
+            return MaskName(match["id"], match["kind"], int(match["index"] or 0), match["ext"])
+    return None
+
+
+def native_scan_dir(scan: ScanId) -> Path:
+    return Path(scan.cohort_id) / str(scan)
+
+
+def native_t1(scan: ScanId) -> Path:
+    return native_scan_dir(scan) / f"{scan}.nii.gz"
+
+
+def native_mask(scan: ScanId, kind: str, index: int = 0, ext: str = "voi") -> Path:
+    suffix = f"_{index}" if index else ""
+    return native_scan_dir(scan) / f"{scan}_Lesion{kind}{suffix}.{ext}"
+
+
+def standard_scan_dir(scan: IndiScanId) -> Path:
+    return Path(STANDARD_ROOT) / f"Site{scan.site}" / scan.subject_id / f"t{scan.timepoint:02d}"
+
+
+def standard_t1(scan: IndiScanId) -> Path:
+    return standard_scan_dir(scan) / f"{scan.file_stem}_t1w_deface_stx.nii.gz"
+
+
+def standard_mask(scan: IndiScanId, index: int = 0, kind: str = "Smooth") -> Path:
+    suffix = f"_{index}" if index else ""
+    return standard_scan_dir(scan) / f"{scan.file_stem}_Lesion{kind}{suffix}_stx.nii.gz"

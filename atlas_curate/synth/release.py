@@ -1,0 +1,326 @@
+"""Write a synthetic ATLAS release (native ICPSR or standard FCP-INDI layout) and its ground truth.
+
+The release folder looks like the real one (see ATLAS-FACTS.md). The truth goes to a separate folder
+(default ``<OUT>-truth``) so that no converter can read it by accident:
+
+* ``truth.json``: per scan the true native-world -> template-world affine (4x4, RAS mm), the grid,
+  and per lesion (release order) volumes, hemisphere, location, territory; the injected faults;
+* ``lesions.tsv``: the same lesions, one row each;
+* ``masks/<scan>_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz``: the lesions on the template grid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .. import io, naming
+from ..executor import run_map, summarize
+from ..ids import IndiScanId, ScanId
+from ..templates import get_template
+from .head import head_model
+from .render import COHORTS, Cohort, describe_lesions, make_subject, native_grid, random_pose, render, \
+    smooth_mask, template_dseg
+
+log = logging.getLogger(__name__)
+
+FLAVOURS = ("native", "standard")
+FAULT_KINDS = ("truncated_gzip", "mask_grid", "empty_mask", "folder_without_row", "row_without_folder")
+STROKE_TYPES = ("Ischemic", "Embolic", "Hemorrhagic")
+NOTES = ("", "", "", "Motion artefact in posterior slices", "Chronic infarct with encephalomalacia",
+         "Old lacunes also present")
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    flavour: str
+    seed: int
+    subject_index: int
+    cohort: int
+    subject_number: int
+    timepoint: int
+    n_lesions: int
+    override: bool
+    fault: str = ""
+
+    @property
+    def scan_id(self) -> ScanId | IndiScanId:
+        if self.flavour == "native":
+            return ScanId(self.cohort, self.subject_number, self.timepoint)
+        return IndiScanId(self.cohort, self.subject_number, self.timepoint)
+
+    @property
+    def key(self) -> str:
+        return str(self.scan_id)
+
+
+def _indi_number(index: int) -> int:
+    return 31000 + 137 * index
+
+
+def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool = False) -> list[ScanPlan]:
+    """Which scans the release holds. Subject k goes to cohort k mod 4; every third subject has a
+    second time point; subject 1 carries the primary-is-not-largest override."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}")
+    if subjects < 1:
+        raise ValueError("need at least one subject")
+    plans = []
+    for k in range(subjects):
+        rng = np.random.default_rng([seed, k, 99])
+        n = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.2, 0.15, 0.1]))
+        override = k == 1 or (subjects == 1 and k == 0)
+        if override:
+            n = max(n, 2)
+        cohort = COHORTS[k % len(COHORTS)].number
+        number = k // len(COHORTS) + 1 if flavour == "native" else _indi_number(k)
+        timepoints = (1, 2) if k % 3 == 2 else (1,)
+        plans += [ScanPlan(flavour, seed, k, cohort, number, t, n, override) for t in timepoints]
+    if faults:
+        for j, kind in enumerate(FAULT_KINDS):
+            k = 9000 + j + 1
+            cohort = COHORTS[j % len(COHORTS)].number
+            number = k if flavour == "native" else _indi_number(k)
+            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, 1, False, kind))
+    return plans
+
+
+def _cohort(number: int) -> Cohort:
+    return next(c for c in COHORTS if c.number == number)
+
+
+def _to_dtype(image: np.ndarray, cohort: Cohort) -> np.ndarray:
+    scaled = image * cohort.scale
+    if cohort.dtype == "int16":
+        return np.clip(np.round(scaled), 0, 32767).astype(np.int16)
+    return scaled.astype(np.float32)
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path, *, code: int = 1) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=code)
+    img.set_qform(affine, code=code)
+    io.save_nifti(img, path)
+
+
+def _release_order(volumes: list[float], override: bool) -> list[int]:
+    """Primary first (the largest, or the given one under override), secondaries largest -> smallest."""
+    secondaries = sorted(range(1, len(volumes)), key=lambda i: -volumes[i])
+    return [0, *secondaries]
+
+
+def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
+    """Render one scan into the release folder and its truth mask into the truth folder."""
+    out_dir, truth_dir = Path(out), Path(truth)
+    if plan.fault == "row_without_folder":
+        return {"scan": plan.key, "plan": asdict(plan), "lesions": [], "fault": plan.fault}
+    model = head_model()
+    cohort = _cohort(plan.cohort)
+    subject = make_subject(plan.seed, plan.subject_index, plan.n_lesions, plan.override, model)
+    rng = np.random.default_rng([plan.seed, plan.subject_index, plan.timepoint])
+    scan = plan.scan_id
+    template = get_template()
+    if plan.flavour == "native":
+        pose = random_pose(rng)
+        shape, affine = native_grid(cohort, pose, model)
+        rendered = render(subject, model, shape, affine, pose, rng, slice_thickness_mm=cohort.zooms[2])
+        data = _to_dtype(rendered.image, cohort)
+        if cohort.singleton_4d:
+            data = data[..., None]
+    else:
+        pose = np.eye(4)
+        shape, affine = template.shape, template.affine
+        rendered = render(subject, model, shape, affine, pose, rng, noise=0.01, bias=False, face_mask=True)
+        image = np.where(rendered.face, 0.0, rendered.image)
+        data = (np.clip(image, 0, None) * 100.0).astype(np.float32)
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    native_volumes = [float(m.sum()) * voxel_mm3 for m in rendered.smooth_masks]
+    order = _release_order(native_volumes, subject.override)
+    raws = [rendered.raw_masks[i] for i in order]
+    smooths = [rendered.smooth_masks[i] for i in order]
+    subject.lesions = [subject.lesions[i] for i in order]
+
+    if plan.flavour == "native":
+        _save(data, affine, out_dir / naming.native_t1(scan))
+        for index, (raw, smooth) in enumerate(zip(raws, smooths)):
+            if plan.fault == "empty_mask":
+                raw, smooth = np.zeros_like(raw), np.zeros_like(smooth)
+            mask_affine = affine
+            if plan.fault == "mask_grid":
+                raw, smooth = raw[:, :, 5:], smooth[:, :, 5:]
+                mask_affine = affine.copy()
+                mask_affine[:3, 3] += affine[:3, 2] * 5 + np.array([0.0, 3.0, 0.0])
+            io.write_voi(raw, mask_affine, out_dir / naming.native_mask(scan, "Raw", index), flavour=cohort.voi)
+            io.write_voi(smooth, mask_affine, out_dir / naming.native_mask(scan, "Smooth", index), flavour=cohort.voi)
+            _save(smooth.astype(np.uint8), mask_affine, out_dir / naming.native_mask(scan, "Smooth", index, "nii.gz"),
+                  code=2)
+        t1_path = out_dir / naming.native_t1(scan)
+    else:
+        _save(data, affine, out_dir / naming.standard_t1(scan), code=4)
+        for index, smooth in enumerate(smooths):
+            mask_affine = affine
+            if plan.fault == "empty_mask":
+                smooth = np.zeros_like(smooth)
+            if plan.fault == "mask_grid":
+                smooth = smooth[::2, ::2, ::2]
+                mask_affine = affine.copy()
+                mask_affine[:3, :3] *= 2
+            _save(smooth.astype(np.uint8), mask_affine, out_dir / naming.standard_mask(scan, index), code=4)
+        t1_path = out_dir / naming.standard_t1(scan)
+    if plan.fault == "truncated_gzip":
+        blob = t1_path.read_bytes()
+        io.write_bytes(blob[: len(blob) * 2 // 5], t1_path)
+
+    dseg = template_dseg(subject)
+    io.save_nifti(nib.Nifti1Image(dseg, template.affine),
+                  truth_dir / "masks" / f"{plan.key.replace('/', '_')}_space-{template.name}_desc-lesions_dseg.nii.gz")
+    described = describe_lesions(dseg, len(subject.lesions))
+    lesions = []
+    for index, (desc, raw, smooth) in enumerate(zip(described, raws, smooths)):
+        lesions.append({
+            "index": index,
+            "role": "primary" if index == 0 else "secondary",
+            "volume_mm3_native_smooth": round(float(smooth.sum()) * voxel_mm3, 3),
+            "volume_mm3_native_raw": round(float(raw.sum()) * voxel_mm3, 3),
+            "volume_mm3_template": desc.pop("volume_mm3"),
+            **desc,
+        })
+    return {
+        "scan": plan.key,
+        "plan": asdict(plan),
+        "native_to_template_ras": np.round(pose, 8).tolist(),
+        "shape": [int(s) for s in data.shape],
+        "affine": np.round(affine, 6).tolist(),
+        "zooms": [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
+        "dtype": str(data.dtype),
+        "primary_override": bool(subject.override),
+        "deformation": subject.params,
+        "lesions": lesions,
+        "fault": plan.fault,
+    }
+
+
+def _grade(rng: np.random.Generator) -> object:
+    return "" if rng.random() < 0.08 else int(rng.choice([0, 1, 2, 3], p=[0.3, 0.35, 0.2, 0.15]))
+
+
+def metadata_row(record: dict) -> dict:
+    """One spreadsheet row with the real column names, consistent with the scan's lesions."""
+    plan = record["plan"]
+    rng = np.random.default_rng([plan["seed"], plan["subject_index"], 7])
+    lesions = record["lesions"] or [{"hemisphere": "Left", "location": "subcortical", "other_site": "",
+                                     "territory": "MCA", "volume_mm3_template": 1000.0}]
+    counts = {"LH Cortical": 0, "LH subcortical": 0, "RH Cortical": 0, "RH subcortical": 0}
+    other = 0
+    for les in lesions:
+        if les["location"] == "other":
+            other += 1
+            continue
+        side = "LH" if les["hemisphere"] == "Left" else "RH" if les["hemisphere"] == "Right" else \
+            ("LH" if les.get("centroid_mm", [0])[0] < 0 else "RH")
+        counts[f"{side} {'Cortical' if les['location'] == 'cortical' else 'subcortical'}"] += 1
+    primary = lesions[0]
+    location = {"cortical": "Cortical", "subcortical": "Subcortical"}.get(primary["location"]) or \
+        primary["other_site"].capitalize()
+    stroke = "Hemorrhagic" if rng.random() < 0.1 else (
+        "Lacunar" if primary["location"] == "subcortical" and primary["volume_mm3_template"] < 1500
+        else str(rng.choice(STROKE_TYPES[:2])))
+    notes = NOTES[int(rng.integers(len(NOTES)))]
+    if record.get("primary_override"):
+        notes = "Primary lesion designated by neuroradiologist; not the largest lesion"
+    row = {f"# Strokes {k}": v for k, v in counts.items()}
+    row.update({
+        "Other Location": other,
+        "Stroke type": stroke,
+        "Primary Stroke Location": location,
+        "Primary Stroke Location Hemisphere": primary["hemisphere"],
+        "Vascular territory": primary["territory"],
+        "PVH": _grade(rng),
+        "DWMH": _grade(rng),
+        "Notes": notes,
+    })
+    return row
+
+
+def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
+    rows = []
+    for record in sorted(records, key=lambda r: r["scan"]):
+        if record.get("fault") == "folder_without_row":
+            continue
+        plan = record["plan"]
+        row = metadata_row(record)
+        if flavour == "native":
+            rows.append({"Subject ID": record["scan"], **row})
+        else:
+            session = f"t{plan['timepoint']:02d}"
+            if plan["subject_index"] % 5 == 3:
+                session = f" {session}"  # stray whitespace, as in the real csv
+            rows.append({"INDI Site ID": f"Site{plan['cohort']}", "INDI Subject ID": plan["subject_number"],
+                         "Session": session, **row})
+    table = pd.DataFrame(rows)
+    if flavour == "native":
+        path = out_dir / naming.NATIVE_METADATA_NAME
+        with io.atomic_path(path) as tmp:
+            table.to_excel(tmp, index=False, sheet_name="Sheet1", engine="openpyxl")
+    else:
+        path = out_dir / naming.STANDARD_ROOT / naming.STANDARD_METADATA_NAME
+        io.write_text(table.to_csv(index=False), path)
+    return path
+
+
+def default_truth_dir(out: Path) -> Path:
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}-truth"
+
+
+def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flavour: str = "native",
+               faults: bool = False, truth: os.PathLike | str | None = None, jobs: int = 1,
+               progress: bool = True) -> dict:
+    """Write a synthetic release to ``out`` and its truth to ``truth`` (default ``<out>-truth``).
+
+    Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults).
+    """
+    out_dir = Path(out).resolve()
+    truth_dir = Path(truth).resolve() if truth else default_truth_dir(out_dir)
+    if truth_dir == out_dir or out_dir in truth_dir.parents:
+        raise ValueError(f"the truth folder must not be inside the release folder: {truth_dir}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output folder is not empty: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    plans = plan_release(subjects, seed, flavour, faults)
+    outcomes = run_map(partial(render_scan, out=str(out_dir), truth=str(truth_dir)), plans,
+                       key=lambda p: p.key, jobs=jobs, desc="synth", progress=progress)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError("synthesis failed:\n" + summarize(outcomes))
+    records = [o.value for o in outcomes]
+    write_metadata(records, out_dir, flavour)
+    truth_doc = {
+        "generator": "atlas-curate synth",
+        "flavour": flavour,
+        "seed": seed,
+        "subjects": subjects,
+        "template": get_template().name,
+        "release": str(out_dir),
+        "transform_convention": "native_to_template_ras maps native world RAS mm to template world RAS mm",
+        "faults": {r["scan"]: r["fault"] for r in records if r.get("fault")},
+        "scans": {r["scan"]: r for r in records if r.get("fault") != "row_without_folder"},
+    }
+    io.write_text(json.dumps(truth_doc, indent=1, sort_keys=True), truth_dir / "truth.json")
+    rows = [{"scan": r["scan"], **{k: v for k, v in les.items() if k != "centroid_mm"},
+             "centroid_x": les["centroid_mm"][0], "centroid_y": les["centroid_mm"][1],
+             "centroid_z": les["centroid_mm"][2]}
+            for r in records for les in r["lesions"]]
+    io.write_text(pd.DataFrame(rows).to_csv(sep="\t", index=False), truth_dir / "lesions.tsv")
+    return truth_doc

@@ -1,0 +1,45 @@
+"""Shared fixtures: synthetic releases built once per test session (the generator is the product's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from atlas_curate.synth import synthesize
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def shared_fixture(*parts: str) -> Path:
+    """Path to a real fixture in ../shared/fixtures, or skip the test with the reason."""
+    path = SHARED_FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real fixture not available: {path} (../shared/fixtures is absent)")
+    return path
+
+
+class Release:
+    def __init__(self, root: Path, truth_dir: Path):
+        self.root = root
+        self.truth_dir = truth_dir
+        self.truth = json.loads((truth_dir / "truth.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def native_release(tmp_path_factory) -> Release:
+    """4 subjects over 4 cohorts (one with a second session, one primary override) + 5 fault scans."""
+    base = tmp_path_factory.mktemp("native")
+    synthesize(base / "release", subjects=4, seed=3, flavour="native", faults=True, truth=base / "truth",
+               jobs=2, progress=False)
+    return Release(base / "release", base / "truth")
+
+
+@pytest.fixture(scope="session")
+def standard_release(tmp_path_factory) -> Release:
+    """3 subjects in the FCP-INDI standard-space layout + 5 fault scans."""
+    base = tmp_path_factory.mktemp("standard")
+    synthesize(base / "release", subjects=3, seed=5, flavour="standard", faults=True, truth=base / "truth",
+               jobs=2, progress=False)
+    return Release(base / "release", base / "truth")
