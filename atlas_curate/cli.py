@@ -15,6 +15,17 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _executor_options(func):
+    """--jobs / --executor / --scheduler, shared by every per-scan stage."""
+    func = click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Dask scheduler address (tcp://host:8786) for --executor dask.")(func)
+    func = click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+                        help="local: a process pool of --jobs workers; dask: an existing Dask cluster.")(func)
+    func = click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1),
+                        help="Worker processes for the local executor.")(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="atlas-curate")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -44,6 +55,29 @@ def synth(out, subjects, seed, flavour, faults, truth, jobs):
     click.echo(f"ground truth: {truth or default_truth_dir(out)}")
 
 
+@main.command("bids-convert")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Metadata table (xlsx or csv); default: the one at the release root.")
+@click.option("--flavour", default="auto", show_default=True, type=click.Choice(["auto", "native", "standard"]),
+              help="Release layout; auto detects it.")
+@click.option("--naming", "naming_scheme", default="native", show_default=True,
+              type=click.Choice(["native", "atlas2"]),
+              help="native keeps the release IDs (sub-c0001s0001, ses-t01); atlas2 gives sub-r001s001, ses-1.")
+@_executor_options
+@click.option("--overwrite", is_flag=True, help="Redo scans that are already converted.")
+def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executor, scheduler, overwrite):
+    """Convert the ATLAS release at SOURCE into a BIDS dataset at OUTPUT."""
+    from .convert import convert
+
+    result = convert(source, output, metadata=metadata, flavour=flavour, naming_scheme=naming_scheme, jobs=jobs,
+                     executor=executor, scheduler=scheduler, overwrite=overwrite)
+    click.echo(result.summary())
+    if result.n_failed:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-output")
 @click.option("--subjects", default=10, show_default=True, type=click.IntRange(1, 200))
@@ -56,5 +90,23 @@ def demo(out, subjects, seed, jobs):
     run_demo(out, subjects=subjects, seed=seed, jobs=jobs)
 
 
+def run() -> None:
+    """Console entry point: user-facing errors become one clear line and exit status 2."""
+    from .convert.discover import ReleaseError
+    from .io import InputError
+
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (ReleaseError, InputError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

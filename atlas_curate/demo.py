@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .convert import convert
 from .synth import synthesize
 
 log = logging.getLogger(__name__)
@@ -39,4 +40,10 @@ def run_demo(out: os.PathLike | str, *, subjects: int = 10, seed: int = 0, jobs:
         stage("synth", release, start)
     outputs["truth"] = truth
     click.echo(f"[demo] ground truth   -> {truth / 'truth.json'}")
+
+    start = time.perf_counter()
+    result = convert(release, out / "bids", jobs=jobs, progress=False)
+    click.echo(result.summary())
+    stage("bids-convert", out / "bids", start)
+    click.echo(f"[demo] lesion masks    -> {out / 'bids' / 'derivatives' / 'lesions'}")
     return outputs

@@ -25,7 +25,14 @@ EXECUTORS = ("local", "dask")
 
 
 class Skip(Exception):
-    """Raised by a per-scan function when there is nothing to do (e.g. outputs already exist)."""
+    """Raised by a per-scan function when there is nothing to do (e.g. outputs already exist).
+
+    ``value`` (optional) is carried to the outcome, e.g. the report row of the earlier run.
+    """
+
+    def __init__(self, reason: str, value: Any = None):
+        super().__init__(reason)
+        self.value = value
 
 
 @dataclass
@@ -46,7 +53,7 @@ def _run_one(func: Callable[[Any], Any], item: Any, key: str) -> Outcome:
     try:
         value = func(item)
     except Skip as skip:
-        return Outcome(key, "skipped", str(skip), time.perf_counter() - start)
+        return Outcome(key, "skipped", str(skip), time.perf_counter() - start, skip.value)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reported outcome
         log.debug("%s failed:\n%s", key, traceback.format_exc())
         reason = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"

@@ -68,3 +68,50 @@ def standard_t1(scan: IndiScanId) -> Path:
 def standard_mask(scan: IndiScanId, index: int = 0, kind: str = "Smooth") -> Path:
     suffix = f"_{index}" if index else ""
     return standard_scan_dir(scan) / f"{scan.file_stem}_Lesion{kind}{suffix}_stx.nii.gz"
+
+
+# --- BIDS ---------------------------------------------------------------------------------------
+
+BIDS_ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "run", "from", "to", "mode", "hemi",
+                     "space", "res", "den", "label", "desc")
+LESION_DERIVATIVE = Path("derivatives") / "lesions"
+PIPELINE_DERIVATIVE = Path("derivatives") / "atlas-curate"
+STATE_DIR = Path(".atlas-curate")
+BIDS_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def bids_name(sub: str, ses: str | None, suffix: str, ext: str, **entities: str | None) -> str:
+    """``sub-X[_ses-Y][_key-value...]_suffix.ext`` with entities in BIDS order."""
+    values = {"sub": sub, "ses": ses, **entities}
+    unknown = set(values) - set(BIDS_ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities: {sorted(unknown)}")
+    parts = []
+    for key in BIDS_ENTITY_ORDER:
+        value = values.get(key)
+        if value is None:
+            continue
+        if not BIDS_LABEL.match(str(value)):
+            raise ValueError(f"invalid BIDS label for {key}: {value!r}")
+        parts.append(f"{key}-{value}")
+    return "_".join(parts) + f"_{suffix}{ext}"
+
+
+def bids_path(sub: str, ses: str | None, suffix: str, ext: str = ".nii.gz", *, datatype: str = "anat",
+              **entities: str | None) -> Path:
+    """Path relative to a dataset root: ``sub-X/ses-Y/<datatype>/<name>``."""
+    folder = Path(f"sub-{sub}") / (f"ses-{ses}" if ses else "") / datatype
+    return folder / bids_name(sub, ses, suffix, ext, **entities)
+
+
+def sessions_table(sub: str) -> Path:
+    return Path(f"sub-{sub}") / f"sub-{sub}_sessions.tsv"
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON sidecar of a ``.nii.gz``/``.tsv`` file."""
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv", ".mat", ".h5"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    raise ValueError(f"no sidecar rule for {path}")

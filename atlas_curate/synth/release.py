@@ -108,6 +108,7 @@ def _to_dtype(image: np.ndarray, cohort: Cohort) -> np.ndarray:
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, *, code: int = 1) -> None:
     img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
     img.set_sform(affine, code=code)
     img.set_qform(affine, code=code)
     io.save_nifti(img, path)

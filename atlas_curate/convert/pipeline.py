@@ -1,0 +1,187 @@
+"""``bids-convert``: an ATLAS release folder -> a BIDS dataset with a lesion derivative."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from .. import __version__, io, naming
+from ..executor import outcomes_table, run_map
+from .discover import ReleaseError, SourceScan, discover, find_metadata
+from .metadata import Metadata, column_sidecar, fixed_columns, load_metadata
+from .scan import ScanJob, convert_scan
+
+log = logging.getLogger(__name__)
+
+BIDS_VERSION = "1.10.0"
+RELEASES = {"native": "R1.1-native", "standard": "R1.1-standard"}
+REPORT_COLUMNS = ["scan", "participant_id", "session_id", "status", "reason", "n_lesions",
+                  "lesion_volumes_mm3", "primary_override", "checks"]
+FAILED_STATUSES = ("failed", "masks_withheld")
+
+
+@dataclass
+class ConversionResult:
+    output: Path
+    flavour: str
+    report: pd.DataFrame
+    metadata_problems: list[str]
+
+    @property
+    def n_failed(self) -> int:
+        return int(self.report["status"].isin(FAILED_STATUSES).sum())
+
+    def summary(self) -> str:
+        counts = self.report["status"].value_counts().to_dict()
+        lines = [f"{len(self.report)} report rows: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
+        for _, row in self.report[self.report["status"].isin(FAILED_STATUSES + ("no_scan",))].iterrows():
+            lines.append(f"  {row['status'].upper()} {row['scan']}: {row['reason']}")
+        lines += [f"  {p}" for p in self.metadata_problems]
+        lines.append(f"report: {self.output / 'conversion_report.tsv'}")
+        return "\n".join(lines)
+
+
+def _tsv_cell(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return "n/a"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return " ".join(str(value).split())
+
+
+def _write_tsv(rows: list[dict], columns: list[str], path: Path) -> None:
+    lines = ["\t".join(columns)] + ["\t".join(_tsv_cell(row.get(c)) for c in columns) for row in rows]
+    io.write_text("\n".join(lines) + "\n", path)
+
+
+def _write_json(doc: dict, path: Path) -> None:
+    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", path)
+
+
+def _check_paths(source: Path, output: Path) -> None:
+    if output == source or source in output.parents or output in source.parents:
+        raise ReleaseError(f"output {output} must be outside the release folder {source} and not contain it")
+
+
+def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
+    release = RELEASES[flavour]
+    generated = [{"Name": "atlas-curate", "Version": __version__,
+                  "Description": f"bids-convert of the ATLAS {release} archive"}]
+    _write_json({
+        "Name": f"ATLAS {release.replace('-', ' ')} (Anatomical Tracings of Lesions After Stroke)",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "License": "Restricted: ATLAS data use agreement",
+        "Authors": ["Sook-Lei Liew", "Julia M. Anglin", "Nick W. Banks", "ATLAS contributors"],
+        "ReferencesAndLinks": ["Liew et al. 2018, Sci Data 5:180011, doi:10.1038/sdata.2018.11"],
+        "GeneratedBy": generated,
+    }, output / "dataset_description.json")
+    readme = (
+        "ATLAS: Anatomical Tracings of Lesions After Stroke\n\n"
+        f"Converted to BIDS by atlas-curate {__version__} from the {release} archive.\n\n"
+        "* T1-weighted images: sub-*/ses-*/anat/*_T1w.nii.gz"
+        + (" (copied byte for byte unless the header had to change)" if flavour == "native" else
+           " are in template space and live in derivatives/lesions/ (space-MNI152NLin2009aSym)") + ".\n"
+        "* Hand-traced lesions: derivatives/lesions/ (union mask label-L_desc-T1lesion, per-lesion\n"
+        "  identity desc-lesions_dseg with 1 = primary, unsmoothed tracings desc-T1lesionRaw).\n"
+        "* Release metadata: participants.tsv and sub-*/sub-*_sessions.tsv, described in the JSON sidecars.\n"
+        "* conversion_report.tsv: one row per scan with status, reason and every failed check.\n"
+    )
+    io.write_text(readme, output / "README")
+    io.write_text(f"1.0.0\n  - Converted from the ATLAS {release} archive by atlas-curate {__version__}.\n",
+                  output / "CHANGES")
+    io.write_text("conversion_report.tsv\n.atlas-curate/\n", output / ".bidsignore")
+    derivative = output / naming.LESION_DERIVATIVE
+    _write_json({
+        "Name": f"ATLAS {release} hand-traced lesion masks",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{**generated[0], "Description": "Lesion tracings of the ATLAS release (MRIcron VOI / "
+                         "NIfTI) decoded, checked against their T1w grid and written as BIDS derivatives"}],
+        "SourceDatasets": [{"URL": "bids:raw:"}],
+        "DatasetLinks": {"raw": "../../"},
+        "License": "Restricted: ATLAS data use agreement",
+    }, derivative / "dataset_description.json")
+    io.write_text("ATLAS lesion derivatives\n\nHand-traced lesion masks of the ATLAS release, converted by atlas-curate "
+                  f"{__version__}: see the raw dataset's README two levels up.\n", derivative / "README")
+
+
+def _tables(output: Path, scans: list[SourceScan], written: set[str], metadata: Metadata, flavour: str) -> None:
+    part_specs = [s for s in metadata.specs if s.table == "participants"]
+    sess_specs = [s for s in metadata.specs if s.table == "sessions" and s.column != "source_id"]
+    participants: dict[str, dict] = {}
+    sessions: dict[str, list[dict]] = {}
+    for scan in scans:
+        if scan.key not in written:
+            continue
+        values = metadata.rows.get(scan.key, {})
+        part = participants.setdefault(scan.subject, {"participant_id": f"sub-{scan.subject}", "cohort": scan.cohort,
+                                                      "release": RELEASES[flavour]})
+        for spec in part_specs:
+            if part.get(spec.column) is None:
+                part[spec.column] = values.get(spec.column)
+        sessions.setdefault(scan.subject, []).append(
+            {"session_id": f"ses-{scan.session}", "source_id": scan.key,
+             **{s.column: values.get(s.column) for s in sess_specs}})
+    fixed = fixed_columns()
+    part_cols = ["participant_id", "cohort", "release"] + [s.column for s in part_specs]
+    _write_tsv([participants[k] for k in sorted(participants)], part_cols, output / "participants.tsv")
+    _write_json({**{c: fixed[c] for c in ("participant_id", "cohort", "release")}, **column_sidecar(part_specs)},
+                output / "participants.json")
+    sess_cols = ["session_id", "source_id"] + [s.column for s in sess_specs]
+    for subject, rows in sessions.items():
+        _write_tsv(sorted(rows, key=lambda r: r["session_id"]), sess_cols, output / naming.sessions_table(subject))
+    _write_json({**{c: fixed[c] for c in ("session_id", "source_id")}, **column_sidecar(sess_specs)},
+                output / "sessions.json")
+
+
+def convert(source: os.PathLike | str, output: os.PathLike | str, *, metadata: os.PathLike | str | None = None,
+            flavour: str = "auto", naming_scheme: str = "native", jobs: int = 1, executor: str = "local",
+            scheduler: str | None = None, overwrite: bool = False, progress: bool = True) -> ConversionResult:
+    """Convert the release at ``source`` into a BIDS dataset at ``output``.
+
+    Writes raw T1w images (or, for the standard archive, template-space T1w derivatives), lesion
+    derivatives under ``derivatives/lesions``, participants/sessions tables with sidecars, and
+    ``conversion_report.tsv`` (one row per scan and per orphan metadata row). Never writes to
+    ``source``. Finished scans are skipped unless ``overwrite``.
+    """
+    source, output = Path(source).resolve(), Path(output).resolve()
+    _check_paths(source, output)
+    flavour, scans = discover(source, flavour, naming_scheme=naming_scheme)
+    meta_path = Path(metadata).resolve() if metadata else find_metadata(source, flavour)
+    meta = load_metadata(meta_path, flavour)
+    output.mkdir(parents=True, exist_ok=True)
+    jobs_list = [ScanJob(scan, str(source), str(output), RELEASES[flavour], overwrite) for scan in scans]
+    outcomes = run_map(convert_scan, jobs_list, key=lambda j: j.scan.key, jobs=jobs, executor=executor,
+                       scheduler=scheduler, desc="bids-convert", progress=progress)
+    rows = []
+    for scan, outcome in zip(scans, outcomes):
+        if outcome.value is not None:
+            row = dict(outcome.value)
+        else:
+            row = {"scan": scan.key, "participant_id": f"sub-{scan.subject}", "session_id": f"ses-{scan.session}",
+                   "status": "failed", "reason": outcome.reason, "n_lesions": len(scan.smooth),
+                   "lesion_volumes_mm3": "", "primary_override": False, "checks": ""}
+        if meta.path is not None and scan.key not in meta.rows:
+            row["checks"] = "; ".join(filter(None, [row["checks"], "no_metadata_row: the metadata table has no row "
+                                                    "for this scan (its metadata are n/a)"]))
+        rows.append(row)
+    present = {scan.key for scan in scans}
+    for key in sorted(set(meta.rows) - present):
+        rows.append({"scan": key, "participant_id": "", "session_id": "", "status": "no_scan",
+                     "reason": "metadata row without a scan folder", "n_lesions": "", "lesion_volumes_mm3": "",
+                     "primary_override": "", "checks": ""})
+    written = {r["scan"] for r in rows if r["status"] in ("converted", "masks_withheld")}
+    _dataset_files(output, flavour, meta)
+    _tables(output, scans, written, meta, flavour)
+    report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+    _write_tsv(rows, REPORT_COLUMNS, output / "conversion_report.tsv")
+    timing = outcomes_table(outcomes)
+    log.info("conversion timings:\n%s", timing.to_string(index=False))
+    return ConversionResult(output, flavour, report, meta.problems)
