@@ -90,6 +90,11 @@ class IndiScanId:
     subject: int
     timepoint: int
 
+    def __post_init__(self) -> None:
+        if not (0 <= self.site <= 999 and 0 <= self.subject <= 999999 and 0 <= self.timepoint <= 99):
+            raise IdError(f"INDI scan id out of range: site={self.site} subject={self.subject} "
+                          f"timepoint={self.timepoint}")
+
     @classmethod
     def parse_parts(cls, site: str, subject: str, session: str) -> "IndiScanId":
         site_m = INDI_SITE.match(str(site).strip())

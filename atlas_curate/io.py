@@ -67,8 +67,12 @@ def load_nifti(path: os.PathLike | str, *, squeeze: bool = True) -> nib.Nifti1Im
 def read_mask(path: os.PathLike | str) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A binary mask (``> 0``, so both VOI flavours, 1 and 100 × 0.01, decode alike) and its image."""
     img = load_nifti(path)
-    data = np.asanyarray(img.dataobj)
-    return data > 0, img
+    proxy = img.dataobj
+    slope = getattr(proxy, "slope", 1.0)
+    inter = getattr(proxy, "inter", 0.0)
+    if hasattr(proxy, "get_unscaled") and slope > 0 and inter == 0:
+        return np.asarray(proxy.get_unscaled()) > 0, img  # same as scaled > 0, without a float copy
+    return np.asanyarray(proxy) > 0, img
 
 
 def grid_difference(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> str | None:

@@ -20,7 +20,7 @@ from ..io import InputError
 from ..resources import data_dir
 
 MAPPINGS = {"native": "r1.1-native.tsv", "standard": "r1.1-indi.tsv"}
-TYPES = ("id", "count", "grade", "string")
+TYPES = ("id", "count", "grade", "string", "subject6")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,11 @@ def convert_value(value, spec: ColumnSpec):
         return number
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if spec.type == "subject6":
+        text = str(value).strip().removesuffix(".0")
+        if not text.isdigit() or len(text) > 6:
+            raise ValueError(f"{spec.source}: {value!r} is not a subject number of up to 6 digits")
+        return text.zfill(6)
     return str(value).strip()
 
 

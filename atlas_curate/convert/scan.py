@@ -90,10 +90,11 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
         if problem:
             fatal.append(f"mask_grid: {label}.{ext}: {problem} (T1 and mask disagree; masks not written)")
             continue
-        values = np.unique(np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled")
-                                         else img.dataobj))
-        if len(values[values != 0]) > 1:
-            checks.append(f"not_binary: {label}.{ext} has values {values[:6].tolist()}; binarised with > 0")
+        stored = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj)
+        peak = stored.max() if stored.size else 0
+        if np.any(stored[mask] != peak) or np.any(stored < 0):
+            values = np.unique(stored[mask])[:6].tolist()
+            checks.append(f"not_binary: {label}.{ext} has values {values}; binarised with > 0")
         if not mask.any():
             fatal.append(f"empty_mask: {label}.{ext} has no voxel set")
             continue
@@ -116,18 +117,29 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
 def _dseg(masks: dict[int, np.ndarray], checks: list[str], kind: str) -> np.ndarray:
     """Label image: 1 = primary, 2.. = secondaries in release order; on overlap the lower label wins."""
     order = sorted(masks)
-    out = np.zeros(masks[order[0]].shape, np.uint8)
+    out = np.zeros(masks[order[0]].shape, np.uint8, order="F")
     for label, index in enumerate(order, start=1):
-        overlap = np.count_nonzero(out[masks[index]])
+        where = np.flatnonzero(masks[index].ravel(order="K"))
+        flat = out.ravel(order="K") if masks[index].flags.f_contiguous == out.flags.f_contiguous else None
+        if flat is None:  # layouts differ: fall back to boolean indexing
+            current = out[masks[index]]
+            overlap = np.count_nonzero(current)
+            if overlap:
+                others = sorted(set(np.unique(current).tolist()) - {0})
+                checks.append(f"overlap: {kind} lesion {label} overlaps lesion(s) {others} in {overlap} voxels")
+            out[masks[index] & (out == 0)] = label
+            continue
+        current = flat[where]
+        overlap = np.count_nonzero(current)
         if overlap:
-            others = sorted(set(np.unique(out[masks[index]]).tolist()) - {0})
+            others = sorted(set(np.unique(current).tolist()) - {0})
             checks.append(f"overlap: {kind} lesion {label} overlaps lesion(s) {others} in {overlap} voxels")
-        out[masks[index] & (out == 0)] = label
+        flat[where[current == 0]] = label
     return out
 
 
 def _save_label(data: np.ndarray, t1: nib.Nifti1Image, path: Path) -> None:
-    img = nib.Nifti1Image(data.astype(np.uint8), t1.affine)
+    img = nib.Nifti1Image(np.asfortranarray(data, dtype=np.uint8), t1.affine)
     img.set_sform(t1.get_sform(), code=int(t1.header["sform_code"]) or 1)
     img.set_qform(t1.get_qform(), code=int(t1.header["qform_code"]) or 1)
     space_unit, time_unit = t1.header.get_xyzt_units()

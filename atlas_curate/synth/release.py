@@ -11,11 +11,12 @@ The release folder looks like the real one (see ATLAS-FACTS.md). The truth goes 
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
-import shutil
+import re
+import zipfile
+from io import BytesIO
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -90,7 +91,7 @@ def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool
         for j, kind in enumerate(FAULT_KINDS):
             k = 9000 + j + 1
             cohort = COHORTS[j % len(COHORTS)].number
-            number = k if flavour == "native" else _indi_number(k)
+            number = k if flavour == "native" else 999000 + j + 1
             plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, 1, False, kind))
     return plans
 
@@ -115,9 +116,11 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path, *, code: int = 1) ->
 
 
 def _release_order(volumes: list[float], override: bool) -> list[int]:
-    """Primary first (the largest, or the given one under override), secondaries largest -> smallest."""
-    secondaries = sorted(range(1, len(volumes)), key=lambda i: -volumes[i])
-    return [0, *secondaries]
+    """Indices in release order: secondaries largest -> smallest by native smoothed volume; the primary
+    is the largest too, unless ``override`` keeps the designated (smaller) lesion 0 first."""
+    if override:
+        return [0, *sorted(range(1, len(volumes)), key=lambda i: -volumes[i])]
+    return sorted(range(len(volumes)), key=lambda i: -volumes[i])
 
 
 def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
@@ -253,6 +256,24 @@ def metadata_row(record: dict) -> dict:
     return row
 
 
+FIXED_TIMESTAMP = "2017-11-06T00:00:00Z"
+
+
+def _deterministic_zip(blob: bytes) -> bytes:
+    """An xlsx with fixed document timestamps and zip entry dates, so equal tables give equal bytes."""
+    out = BytesIO()
+    with zipfile.ZipFile(BytesIO(blob)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "docProps/core.xml":
+                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>" + FIXED_TIMESTAMP.encode(), data)
+            entry = zipfile.ZipInfo(info.filename, date_time=(2017, 11, 6, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            entry.external_attr = info.external_attr
+            dst.writestr(entry, data)
+    return out.getvalue()
+
+
 def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
     rows = []
     for record in sorted(records, key=lambda r: r["scan"]):
@@ -271,8 +292,9 @@ def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
     table = pd.DataFrame(rows)
     if flavour == "native":
         path = out_dir / naming.NATIVE_METADATA_NAME
-        with io.atomic_path(path) as tmp:
-            table.to_excel(tmp, index=False, sheet_name="Sheet1", engine="openpyxl")
+        buffer = BytesIO()
+        table.to_excel(buffer, index=False, sheet_name="Sheet1", engine="openpyxl")
+        io.write_bytes(_deterministic_zip(buffer.getvalue()), path)
     else:
         path = out_dir / naming.STANDARD_ROOT / naming.STANDARD_METADATA_NAME
         io.write_text(table.to_csv(index=False), path)

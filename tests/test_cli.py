@@ -1,0 +1,78 @@
+"""The click command line: help, version, synth argument checks."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import atlas_curate
+from atlas_curate.cli import main
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_help_lists_subcommands(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0, result.output
+    commands = result.output.split("Commands:", 1)[1]
+    assert "synth" in commands
+    assert "demo" in commands
+    assert runner.invoke(main, ["-h"]).output == result.output
+
+
+def test_version(runner):
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert atlas_curate.__version__ in result.output
+    assert result.output.strip() == f"atlas-curate, version {atlas_curate.__version__}"
+
+
+def test_synth_help(runner):
+    result = runner.invoke(main, ["synth", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--faults", "--flavour", "--subjects", "--seed", "--truth"):
+        assert option in result.output
+    assert "native" in result.output and "standard" in result.output
+
+
+def test_synth_rejects_bad_arguments(runner, tmp_path):
+    result = runner.invoke(main, ["synth", str(tmp_path / "out"), "--flavour", "mni"])
+    assert result.exit_code == 2
+    assert "--flavour" in result.output
+    result = runner.invoke(main, ["synth", str(tmp_path / "out"), "--subjects", "0"])
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_into_non_empty_folder_fails(runner, tmp_path):
+    out = tmp_path / "release"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    result = runner.invoke(main, ["synth", str(out), "--subjects", "1"])
+    assert result.exit_code != 0
+    message = result.output + str(result.exception or "")
+    assert "not empty" in message
+    assert str(out) in message
+    # nothing was written: the user's file is untouched and no truth folder appeared
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_console_entry_reports_non_empty_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    """The installed ``atlas-curate`` command (``cli.run``) turns the error into one clear line."""
+    from atlas_curate.cli import run
+
+    out = tmp_path / "release"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    monkeypatch.setattr("sys.argv", ["atlas-curate", "synth", str(out), "--subjects", "1"])
+    with pytest.raises(SystemExit) as info:
+        run()
+    assert info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "not empty" in err and str(out) in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

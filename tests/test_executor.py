@@ -1,0 +1,90 @@
+"""Mapping a per-scan function over items: outcomes, order, failures, skips, pool and Dask."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from atlas_curate.executor import Outcome, Skip, outcomes_table, run_map, summarize
+
+ITEMS = ["slow", "bad", "done", "fine"]
+
+
+def work(item: str) -> str:
+    """Top level so that it pickles into worker processes."""
+    if item == "slow":
+        time.sleep(0.3)  # finishes last under jobs=2: the result order must still be the input order
+    if item == "bad":
+        raise ValueError("cannot read bad")
+    if item == "done":
+        raise Skip("outputs exist for done", value="row of the earlier run")
+    return item.upper()
+
+
+def square(item: int) -> int:
+    return item * item
+
+
+def _check(outcomes: list[Outcome]) -> None:
+    assert [o.key for o in outcomes] == ITEMS
+    assert [o.status for o in outcomes] == ["ok", "failed", "skipped", "ok"]
+    slow, bad, done, fine = outcomes
+    assert slow.ok and slow.value == "SLOW" and slow.reason == ""
+    assert fine.ok and fine.value == "FINE"
+    assert not bad.ok and bad.value is None
+    assert "ValueError" in bad.reason and "cannot read bad" in bad.reason
+    assert done.reason == "outputs exist for done"
+    assert done.value == "row of the earlier run", "a Skip's value is carried to the outcome"
+    assert slow.seconds >= 0.25
+    assert all(o.seconds >= 0 for o in outcomes)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_map_statuses_and_order(jobs):
+    _check(run_map(work, ITEMS, jobs=jobs, progress=False))
+
+
+def test_run_map_custom_keys_and_empty():
+    outcomes = run_map(square, [3, 1, 2], key=lambda i: f"item-{i}", progress=False)
+    assert [(o.key, o.value) for o in outcomes] == [("item-3", 9), ("item-1", 1), ("item-2", 4)]
+    assert run_map(square, [], progress=False) == []
+
+
+def test_run_map_duplicate_keys_raise():
+    with pytest.raises(ValueError, match="unique"):
+        run_map(square, [1, 2, 3], key=lambda i: "same", progress=False)
+    with pytest.raises(ValueError, match="unique"):
+        run_map(square, ["a", "b", "a"], jobs=2, progress=False)
+
+
+def test_run_map_unknown_executor_and_dask_without_scheduler():
+    with pytest.raises(ValueError, match="executor"):
+        run_map(square, [1], executor="slurm", progress=False)
+    with pytest.raises(ValueError, match="scheduler"):
+        run_map(square, [1], executor="dask", progress=False)
+
+
+def test_outcomes_table_and_summary():
+    outcomes = run_map(work, ITEMS, progress=False)
+    table = outcomes_table(outcomes)
+    assert list(table.columns) == ["scan", "status", "reason", "seconds"]
+    assert table["scan"].tolist() == ITEMS
+    assert table["status"].tolist() == ["ok", "failed", "skipped", "ok"]
+    assert table.loc[table["scan"] == "done", "reason"].item() == "outputs exist for done"
+    assert (table["seconds"] >= 0).all()
+    assert list(outcomes_table([]).columns) == ["scan", "status", "reason", "seconds"]
+    text = summarize(outcomes)
+    assert text.splitlines()[0] == "2 ok, 1 skipped, 1 failed"
+    assert "FAILED bad" in text and "cannot read bad" in text
+
+
+def test_run_map_dask():
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        outcomes = run_map(work, ITEMS, executor="dask", scheduler=cluster.scheduler_address, progress=False)
+        # a second run on the same cluster must not collide with the first run's task keys
+        again = run_map(square, [4, 5], executor="dask", scheduler=cluster.scheduler_address, progress=False)
+    _check(outcomes)
+    assert [o.value for o in again] == [16, 25]
