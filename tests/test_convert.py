@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -49,7 +48,7 @@ class Converted:
 def tree_state(root: Path) -> list[tuple]:
     """(path, size, mtime_ns, md5) of every file and (path, mtime_ns) of every folder under root."""
     state = []
-    for path in sorted(root.rglob("*")):
+    for path in [root, *sorted(root.rglob("*"))]:
         rel = path.relative_to(root).as_posix()
         st = path.lstat()
         if path.is_dir():
@@ -350,7 +349,7 @@ def test_report_lists_every_fault_with_its_reason(converted):
             assert not output_derivative(converted.output, sub, ses, "_mask.nii.gz"), f"{where}: mask written"
         if row["status"] in ("failed", "no_scan"):
             assert not output_t1(converted.output, *labels(key)), f"{where}: T1 written"
-    for key, record in truth["scans"].items():
+    for key in truth["scans"]:
         if key not in faults:
             assert rows.loc[key, "status"] == "converted", f"{key}: {rows.loc[key].to_dict()}"
             assert "no_metadata_row" not in rows.loc[key, "checks"], key

@@ -62,7 +62,7 @@ def read_table(path: Path) -> pd.DataFrame:
         if path.suffix.lower() in (".xlsx", ".xlsm"):
             table = pd.read_excel(path, dtype=object, engine="openpyxl")
         elif path.suffix.lower() in (".csv", ".tsv"):
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix == ".tsv" else ",")
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
         else:
             raise InputError(path, "metadata must be .xlsx, .csv or .tsv")
     except InputError:
@@ -88,8 +88,12 @@ def convert_value(value, spec: ColumnSpec):
     if _missing(value):
         return None
     if spec.type in ("count", "grade"):
-        number = float(str(value).strip())
-        if number != int(number):
+        try:
+            number = float(str(value).strip())
+            integral = number == int(number)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{spec.source}: {value!r} is not a number") from None
+        if not integral:
             raise ValueError(f"{spec.source}: {value!r} is not an integer")
         number = int(number)
         if spec.type == "grade" and str(number) not in levels().get(spec.levels, {}):
