@@ -120,6 +120,17 @@ class Deformation:
     ventricle: float
     ventricle_centre: np.ndarray
     ventricle_sigma: float = 22.0
+    linear: np.ndarray | None = None   # (4, 3) affine part removed so the truth affine is the best fit
+
+    def with_affine_removed(self, points: np.ndarray) -> "Deformation":
+        """The same deformation minus its least-squares affine part over ``points`` (N, 3), so that
+        it is purely non-linear there and the pose affine stays the best affine fit (the truth)."""
+        disp = self(points)
+        design = np.c_[points, np.ones(len(points))]
+        coef, *_ = np.linalg.lstsq(design, disp, rcond=None)
+        base = self.linear if self.linear is not None else np.zeros((4, 3))
+        return Deformation(self.lattice, self.lattice_origin, self.spacing, self.ventricle, self.ventricle_centre,
+                           self.ventricle_sigma, (base + coef).astype(np.float32))
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """Displacement at world points of shape (..., 3)."""
@@ -130,6 +141,8 @@ class Deformation:
         rel = points - self.ventricle_centre
         weight = np.exp(-np.sum(rel * rel, axis=-1) / (2 * self.ventricle_sigma ** 2))
         disp -= (self.ventricle * weight)[..., None] * rel
+        if self.linear is not None:
+            disp -= points @ self.linear[:3] + self.linear[3]
         return disp.astype(np.float32)
 
 

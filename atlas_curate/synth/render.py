@@ -59,6 +59,7 @@ def make_subject(seed: int, index: int, n_lesions: int, override: bool, model: H
     amplitude = float(rng.uniform(1.5, 3.0))
     ventricle = float(rng.uniform(-0.1, 0.45))
     deform = random_deformation(rng, model, amplitude=amplitude, ventricle=ventricle)
+    deform = deform.with_affine_removed(_brain_sample())
     volumes = lesion_volumes(rng, n_lesions)
     if override and n_lesions >= 2:
         # make the override visible: the primary clearly smaller than the largest secondary
@@ -69,6 +70,14 @@ def make_subject(seed: int, index: int, n_lesions: int, override: bool, model: H
         lesions = [lesions[1], lesions[0], *lesions[2:]]
     return Subject(deform, lesions, override and len(lesions) >= 2,
                    {"deformation_mm": amplitude, "ventricle_scale": ventricle})
+
+
+@lru_cache(maxsize=1)
+def _brain_sample() -> np.ndarray:
+    """Every 8th template brain voxel (world mm): where a deformation's affine part is measured."""
+    anat = template_anatomy()
+    idx = np.argwhere(anat.brain)[::8]
+    return (idx + get_template().affine[:3, 3]).astype(np.float32)
 
 
 @lru_cache(maxsize=1)
