@@ -78,6 +78,35 @@ def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executo
         sys.exit(1)
 
 
+@main.command("normalize")
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--template", default="mni2009", show_default=True, help="Template key from templates/registry.json.")
+@click.option("--participant-label", "participant_labels", multiple=True, metavar="LABEL",
+              help="Only these subjects (repeatable; with or without 'sub-').")
+@_executor_options
+@click.option("--no-deface", is_flag=True, help="Keep the face in the template-space T1w.")
+@click.option("--overwrite", is_flag=True, help="Redo scans that are already normalised.")
+def normalize_cmd(bids_root, template, participant_labels, jobs, executor, scheduler, no_deface, overwrite):
+    """Normalise the T1w images of BIDS_ROOT (from bids-convert) to MNI152NLin2009aSym."""
+    from .normalize import normalize
+
+    result = normalize(bids_root, template=template, participant_labels=list(participant_labels) or None, jobs=jobs,
+                       executor=executor, scheduler=scheduler, deface=not no_deface, overwrite=overwrite)
+    qc_table = result.qc
+    click.echo(f"{len(qc_table)} scans: {int((qc_table['qc_pass'] == True).sum())} passed QC, "  # noqa: E712
+               f"{int(((qc_table['qc_pass'] == False) & (qc_table['status'] != 'failed')).sum())} failed QC, "  # noqa: E712
+               f"{result.n_failed} errors")
+    for _, row in qc_table.iterrows():
+        if row["status"] == "failed":
+            click.echo(f"  ERROR {row['scan']}: {row['error']}")
+        elif row["qc_pass"] is False or row["qc_pass"] == False:  # noqa: E712
+            click.echo(f"  QC FAIL {row['scan']}: {row['qc_reasons']}")
+    click.echo(f"qc table: {result.output / 'qc.tsv'}")
+    click.echo(f"report:   {result.report}")
+    if result.n_failed:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-output")
 @click.option("--subjects", default=10, show_default=True, type=click.IntRange(1, 200))

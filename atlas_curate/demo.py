@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .convert import convert
+from .normalize import normalize
 from .synth import synthesize
 
 log = logging.getLogger(__name__)
@@ -46,4 +47,10 @@ def run_demo(out: os.PathLike | str, *, subjects: int = 10, seed: int = 0, jobs:
     click.echo(result.summary())
     stage("bids-convert", out / "bids", start)
     click.echo(f"[demo] lesion masks    -> {out / 'bids' / 'derivatives' / 'lesions'}")
+
+    start = time.perf_counter()
+    normalized = normalize(out / "bids", jobs=jobs, progress=False)
+    stage("normalize", normalized.output, start)
+    click.echo(f"[demo] QC table       -> {normalized.output / 'qc.tsv'}")
+    click.echo(f"[demo] report         -> {normalized.report}")
     return outputs

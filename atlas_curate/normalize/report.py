@@ -1,0 +1,66 @@
+"""Visual report of normalize: one figure per scan and one HTML page for the run."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
+
+from .. import io  # noqa: E402
+from ..resources import data_dir  # noqa: E402
+
+
+def _slices(volume: np.ndarray, centre) -> list[np.ndarray]:
+    i, j, k = centre
+    return [volume[i].T, volume[:, j].T, volume[:, :, k].T]
+
+
+def scan_figure(t1: np.ndarray, defaced: np.ndarray, template: np.ndarray, brain: np.ndarray,
+                lesion: np.ndarray | None, path: Path, *, title: str) -> Path:
+    """Registered T1 in three planes with the template brain outline (cyan) and the lesion (red),
+    and a mid-sagittal view before and after defacing."""
+    centre = [s // 2 for s in t1.shape]
+    if lesion is not None and lesion.any():
+        centre = [int(c) for c in np.argwhere(lesion).mean(axis=0)]
+    vmax = float(np.percentile(t1[brain], 99.5)) if brain.any() else 1.0
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), gridspec_kw={"width_ratios": [1.2, 1, 1, 1.2, 1.2]})
+    for ax, img, outline, les in zip(axes[:3], _slices(t1, centre), _slices(brain.astype(float), centre),
+                                     _slices(lesion.astype(float), centre) if lesion is not None else [None] * 3):
+        ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=vmax)
+        ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.6)
+        if les is not None and les.any():
+            ax.contour(les, levels=[0.5], colors="red", linewidths=0.8)
+    mid = t1.shape[0] // 2
+    for ax, img, label in ((axes[3], t1[mid].T, "before defacing"), (axes[4], defaced[mid].T, "after defacing")):
+        ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=vmax)
+        ax.set_title(label, fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10, color="darkred" if "FAIL" in title else "black")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(table: pd.DataFrame, out: Path) -> Path:
+    env = Environment(loader=FileSystemLoader(str(data_dir("templates"))), autoescape=select_autoescape(["html"]))
+    rows = table.where(pd.notna(table), None).to_dict("records")
+    counts = {
+        "total": len(rows),
+        "passed": sum(1 for r in rows if r.get("qc_pass") is True and r.get("status") != "failed"),
+        "failed_qc": sum(1 for r in rows if r.get("qc_pass") is False and r.get("status") != "failed"),
+        "errors": sum(1 for r in rows if r.get("status") == "failed"),
+    }
+    text = env.get_template("report.html").render(rows=rows, counts=counts, escape=html.escape)
+    path = out / "report.html"
+    io.write_text(text, path)
+    return path

@@ -1,0 +1,126 @@
+"""normalize on a small synthetic release with truth: accuracy, QC, defacing, reruns, standard inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from atlas_curate.convert import convert
+from atlas_curate.normalize import normalize
+from atlas_curate.normalize.deface import face_mask
+from atlas_curate.normalize.qc import metrics, verdict
+from atlas_curate.synth import synthesize
+from atlas_curate.templates import get_template, template_arrays
+
+pytestmark = pytest.mark.slow
+SPACE = "MNI152NLin2009aSym"
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def normalized(tmp_path_factory):
+    base = tmp_path_factory.mktemp("norm")
+    synthesize(base / "release", subjects=2, seed=7, truth=base / "truth", jobs=2, progress=False)
+    convert(base / "release", base / "bids", jobs=2, progress=False)
+    result = normalize(base / "bids", jobs=2, progress=False)
+    truth = json.loads((base / "truth" / "truth.json").read_text())
+    return base, result, truth
+
+
+def _scan_of(row) -> str:
+    sub, ses = row["participant_id"][4:], row["session_id"][4:]
+    return f"{sub}{ses}"
+
+
+def test_every_scan_normalised_and_passes_qc(normalized):
+    base, result, truth = normalized
+    assert len(result.qc) == len(truth["scans"])
+    assert (result.qc["status"] == "ok").all(), result.qc[["scan", "status", "error"]]
+    assert result.qc["qc_pass"].all(), result.qc[["scan", "qc_reasons"]]
+    assert (result.output / "qc.tsv").is_file()
+    html = result.report.read_text()
+    for _, row in result.qc.iterrows():
+        assert row["figure"] in html
+        assert (result.output / row["figure"]).is_file()
+
+
+def test_transform_matches_truth(normalized):
+    base, result, truth = normalized
+    tpl = nib.load(get_template().t1w)
+    idx = np.argwhere(np.asarray(tpl.dataobj) > 0)[::25]
+    points = idx @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    for _, row in result.qc.iterrows():
+        xfm = next((result.output / row["participant_id"] / row["session_id"] / "anat").glob("*_xfm.json"))
+        affine = np.array(json.loads(xfm.read_text())["AffineRAS"])
+        true = np.array(truth["scans"][_scan_of(row)]["native_to_template_ras"])
+        native = points @ np.linalg.inv(affine)[:3, :3].T + np.linalg.inv(affine)[:3, 3]
+        back = native @ true[:3, :3].T + true[:3, 3]
+        error = np.linalg.norm(back - points, axis=1)
+        assert error.mean() <= 1.0 and np.percentile(error, 95) <= 2.0, (row["scan"], error.mean())
+
+
+def test_lesions_land_on_truth(normalized):
+    base, result, truth = normalized
+    for _, row in result.qc.iterrows():
+        scan = _scan_of(row)
+        anat = result.output / row["participant_id"] / row["session_id"] / "anat"
+        mask = np.asarray(nib.load(next(anat.glob("*_label-L_desc-T1lesion_mask.nii.gz"))).dataobj) > 0
+        dseg = nib.load(next(anat.glob("*_desc-lesions_dseg.nii.gz")))
+        assert set(np.unique(np.asarray(dseg.dataobj)).tolist()) <= set(range(0, 10))  # labels stay labels
+        ref = np.asarray(nib.load(base / "truth" / "masks" / f"{scan}_space-{SPACE}_desc-lesions_dseg.nii.gz").dataobj) > 0
+        dice = 2 * (mask & ref).sum() / (mask.sum() + ref.sum())
+        assert dice >= 0.85, (scan, dice)
+
+
+def test_defacing_removes_face_and_spares_brain(normalized):
+    base, result, _ = normalized
+    brain = template_arrays()["T1w"] > 0
+    face = face_mask()
+    assert not (face & brain).any()
+    for path in result.output.rglob(f"*_space-{SPACE}_desc-preproc_T1w.nii.gz"):
+        data = np.asarray(nib.load(path).dataobj)
+        assert not data[face].any()
+        assert data[brain].mean() > 10
+
+
+def test_qc_flags_a_misregistration(normalized):
+    base, result, _ = normalized
+    arrays = template_arrays()
+    brain = arrays["T1w"] > 0
+    path = next(result.output.rglob(f"*_space-{SPACE}_desc-preproc_T1w.nii.gz"))
+    good = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    kwargs = dict(template=arrays["T1w"], brain=brain, lesion=None, affine_ras=np.eye(4), native_lesion_mm3=None,
+                  coverage=np.ones(brain.shape, bool))
+    assert verdict(metrics(t1=good, **kwargs))[0]
+    shifted = np.roll(good, 8, axis=1)  # an 8 mm misregistration
+    ok, reasons = verdict(metrics(t1=shifted, **kwargs))
+    assert not ok and any("ncc_brain" in r for r in reasons)
+    squashed = dict(kwargs, affine_ras=np.diag([0.7, 0.7, 0.7, 1.0]))  # the naive head-onto-brain shrink
+    ok, reasons = verdict(metrics(t1=good, **squashed))
+    assert not ok and any("scale_min" in r for r in reasons)
+
+
+def test_rerun_skips_and_keeps_outputs(normalized):
+    base, result, _ = normalized
+    before = _hashes(result.output)
+    again = normalize(base / "bids", jobs=1, progress=False)
+    assert again.skipped == len(again.qc) and (again.qc["status"] == "ok").all()
+    assert _hashes(result.output) == before
+
+
+def test_standard_inputs_skip_registration(tmp_path):
+    synthesize(tmp_path / "release", subjects=1, seed=2, flavour="standard", truth=tmp_path / "truth", progress=False)
+    convert(tmp_path / "release", tmp_path / "bids", progress=False)
+    result = normalize(tmp_path / "bids", progress=False)
+    assert (result.qc["status"] == "ok").all() and result.qc["qc_pass"].all(), result.qc.to_dict("records")
+    assert not list(result.output.rglob("*_xfm.mat"))
+    assert (result.qc["space_in"] == SPACE).all()
