@@ -124,3 +124,66 @@ def test_standard_inputs_skip_registration(tmp_path):
     assert (result.qc["status"] == "ok").all() and result.qc["qc_pass"].all(), result.qc.to_dict("records")
     assert not list(result.output.rglob("*_xfm.mat"))
     assert (result.qc["space_in"] == SPACE).all()
+
+
+@pytest.fixture(scope="module")
+def standard_bids(tmp_path_factory):
+    base = tmp_path_factory.mktemp("std")
+    synthesize(base / "release", subjects=2, seed=4, flavour="standard", truth=base / "truth", progress=False)
+    convert(base / "release", base / "bids", progress=False)
+    return base / "bids"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_image_fails_qc(standard_bids, tmp_path):
+    bids = _copy(standard_bids, tmp_path / "bids")
+    t1 = next(bids.rglob(f"*_space-{SPACE}_T1w.nii.gz"))
+    img = nib.load(t1)
+    rng = np.random.default_rng(0)
+    noise = rng.permutation(np.asarray(img.dataobj).ravel()).reshape(img.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, img.affine, img.header), t1)
+    result = normalize(bids, progress=False)
+    bad = result.qc[result.qc["scan"].str.startswith(t1.name.split("_space")[0])]
+    assert len(bad) == 1 and not bad["qc_pass"].iloc[0] and "ncc_brain" in bad["qc_reasons"].iloc[0]
+    assert result.qc["qc_pass"].sum() == len(result.qc) - 1
+
+
+def test_crash_leaves_no_partial_output_and_rerun_matches(standard_bids, tmp_path, monkeypatch):
+    from atlas_curate.normalize import pipeline
+
+    clean = normalize(_copy(standard_bids, tmp_path / "clean"), progress=False)
+    crashed = _copy(standard_bids, tmp_path / "crashed")
+    calls = {"n": 0}
+    real_save = pipeline._save
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-scan")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_save", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        normalize(crashed, progress=False)
+    leftovers = [p for p in crashed.rglob("*") if ".part" in p.name]
+    assert not leftovers
+    assert not list((crashed / ".atlas-curate" / "normalize").glob("*.json")) if (crashed / ".atlas-curate" / "normalize").exists() else True
+    monkeypatch.setattr(pipeline, "_save", real_save)
+    normalize(crashed, progress=False)
+    assert _hashes(crashed / "derivatives" / "atlas-curate") == _hashes(clean.output)
+
+
+def test_dask_executor_matches_local(standard_bids, tmp_path):
+    from dask.distributed import LocalCluster
+
+    local = normalize(_copy(standard_bids, tmp_path / "local"), progress=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster:
+        remote = normalize(_copy(standard_bids, tmp_path / "dask"), executor="dask",
+                           scheduler=cluster.scheduler_address, progress=False)
+    assert _hashes(remote.output) == _hashes(local.output)
