@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Benchmark normalize's registration against the naive antspyx pipeline, on the same scans, in one run.
+
+For each synthetic native scan (truth known):
+
+* ours:  ``atlas_curate.normalize.register.register`` (N4 on 4 mm inside a head mask, head stage,
+         two brain stages with lesion masking; 2 mm);
+* naive: what a user would write: ``ants.n4_bias_field_correction(t1)`` (defaults, unmasked) then
+         ``ants.registration(template_1mm, t1, type_of_transform='Affine')``.
+
+Accuracy: displacement between the recovered and the true affine over template brain voxels (mean, p95).
+Each method runs in a fresh child process so its wall time and peak RSS are its own.
+Targets (issue): ours <= 20 s per scan and <= 2.5 GB; mean error <= 0.5 mm, p95 <= 1.0 mm; naive/ours >= 7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _errors(affine: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    import nibabel as nib
+
+    from atlas_curate.templates import get_template
+
+    tpl = nib.load(get_template().t1w)
+    idx = np.argwhere(np.asarray(tpl.dataobj) > 0)[::10]
+    pts = idx @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    inv = np.linalg.inv(affine)
+    back = (pts @ inv[:3, :3].T + inv[:3, 3]) @ truth[:3, :3].T + truth[:3, 3]
+    err = np.linalg.norm(back - pts, axis=1)
+    return float(err.mean()), float(np.percentile(err, 95))
+
+
+def _run(method: str, t1_path: str, lesion_path: str, queue) -> None:
+    import ants
+    import nibabel as nib
+
+    from atlas_curate.io import load_nifti
+    from atlas_curate.normalize.register import ants_affine_to_ras, register, to_ants
+    from atlas_curate.templates import get_template
+
+    t1 = load_nifti(t1_path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "ours":
+            lesion = load_nifti(lesion_path) if lesion_path else None
+            affine = register(t1, lesion, workdir=tmp).affine_ras
+        else:
+            ants.config._random_seed = 1
+            moving = ants.n4_bias_field_correction(to_ants(t1))
+            fixed = ants.image_read(str(get_template().t1w)).clone("float")
+            reg = ants.registration(fixed, moving, type_of_transform="Affine", outprefix=tmp + "/naive_")
+            affine = ants_affine_to_ras(reg["fwdtransforms"][0])
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": seconds, "peak_mb": peak_mb, "affine": affine.tolist()})
+
+
+def measure(method: str, t1: str, lesion: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run, args=(method, t1, lesion, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=3, help="synthetic subjects (default 3)")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--release", type=Path, help="existing synthetic native release (its truth beside it)")
+    parser.add_argument("--skip-naive", action="store_true", help="only time our registration")
+    args = parser.parse_args()
+
+    from atlas_curate.io import load_nifti  # noqa: F401 - import check before forking
+    from atlas_curate.naming import native_mask, native_t1
+    from atlas_curate.ids import ScanId
+    from atlas_curate.synth import default_truth_dir, synthesize
+
+    work = Path(tempfile.mkdtemp(prefix="atlas-bench-norm-"))
+    release = args.release
+    if release is None:
+        release = work / "release"
+        synthesize(release, subjects=args.subjects, seed=args.seed, jobs=2, progress=False)
+    truth = json.loads((default_truth_dir(release) / "truth.json").read_text())
+    rows = []
+    for key, scan in sorted(truth["scans"].items()):
+        if scan.get("fault"):
+            continue
+        sid = ScanId.parse(key)
+        t1 = str(release / native_t1(sid))
+        lesion = str(release / native_mask(sid, "Smooth", 0, "nii.gz"))
+        true = np.array(scan["native_to_template_ras"])
+        row = {"scan": key, "zooms": "x".join(f"{z:g}" for z in scan["zooms"])}
+        for method in ("ours",) + (() if args.skip_naive else ("naive",)):
+            res = measure(method, t1, lesion)
+            mean, p95 = _errors(np.array(res["affine"]), true)
+            row.update({f"{method}_s": res["seconds"], f"{method}_mb": res["peak_mb"],
+                        f"{method}_mean_mm": mean, f"{method}_p95_mm": p95})
+        rows.append(row)
+        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+    def col(name):
+        return np.array([r[name] for r in rows if name in r])
+
+    print("\nscans:", len(rows))
+    print(f"ours : {col('ours_s').mean():6.1f} s/scan (max {col('ours_s').max():.1f}), peak {col('ours_mb').max():.0f} MB, "
+          f"error mean {col('ours_mean_mm').mean():.2f} mm (worst {col('ours_mean_mm').max():.2f}), "
+          f"p95 {col('ours_p95_mm').mean():.2f} mm (worst {col('ours_p95_mm').max():.2f})")
+    if not args.skip_naive:
+        print(f"naive: {col('naive_s').mean():6.1f} s/scan, peak {col('naive_mb').max():.0f} MB, "
+              f"error mean {col('naive_mean_mm').mean():.2f} mm, p95 {col('naive_p95_mm').mean():.2f} mm")
+        print(f"speed-up naive/ours: {col('naive_s').sum() / col('ours_s').sum():.1f}x (target >= 7x)")
+    print("targets: <= 20 s and <= 2500 MB per scan; mean <= 0.5 mm, p95 <= 1.0 mm")
+    print("reproduce:", " ".join([sys.executable, *sys.argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
