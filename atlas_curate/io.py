@@ -53,12 +53,13 @@ def load_nifti(path: os.PathLike | str, *, squeeze: bool = True) -> nib.Nifti1Im
         raise InputError(path, f"too short to be NIfTI ({len(raw)} bytes)")
     try:
         img = nib.Nifti1Image.from_bytes(raw)
-        # touch the data so a file cut inside the voxel block fails now
-        data = np.asanyarray(img.dataobj)
+        # touch the stored data (unscaled: no float copy) so a file cut inside the voxel block fails now
+        proxy = img.dataobj
+        data = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
     except Exception as exc:  # nibabel raises several types for bad headers/data
         raise InputError(path, f"not a readable NIfTI-1 image ({type(exc).__name__}: {exc})") from exc
     if squeeze and data.ndim == 4 and data.shape[3] == 1:
-        img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
     elif data.ndim != 3 and squeeze:
         raise InputError(path, f"expected a 3-D image, got shape {data.shape}")
     return img
@@ -66,13 +67,31 @@ def load_nifti(path: os.PathLike | str, *, squeeze: bool = True) -> nib.Nifti1Im
 
 def read_mask(path: os.PathLike | str) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A binary mask (``> 0``, so both VOI flavours, 1 and 100 × 0.01, decode alike) and its image."""
+    mask, _, img = read_mask_values(path)
+    return mask, img
+
+
+def read_mask_values(path: os.PathLike | str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """``(mask, distinct non-zero stored values, image)``: the values tell whether the file was binary."""
     img = load_nifti(path)
     proxy = img.dataobj
     slope = getattr(proxy, "slope", 1.0)
     inter = getattr(proxy, "inter", 0.0)
     if hasattr(proxy, "get_unscaled") and slope > 0 and inter == 0:
-        return np.asarray(proxy.get_unscaled()) > 0, img  # same as scaled > 0, without a float copy
-    return np.asanyarray(proxy) > 0, img
+        stored = np.asarray(proxy.get_unscaled())  # same sign as the scaled data, without a float copy
+    else:
+        stored = np.asanyarray(proxy)
+    mask = stored > 0
+    # binary iff every non-zero voxel holds the maximum (cheap reductions; no boolean gather)
+    top = stored.max() if stored.size else 0
+    nonzero = np.count_nonzero(stored)
+    if nonzero == 0:
+        values = stored[:0].ravel()
+    elif top > 0 and np.count_nonzero(stored == top) == nonzero:
+        values = np.asarray([top])
+    else:
+        values = np.unique(stored[stored != 0])
+    return mask, values, img
 
 
 def grid_difference(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> str | None:

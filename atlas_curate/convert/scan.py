@@ -82,7 +82,7 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
         label = f"Lesion{kind}" + (f"_{index}" if index else "")
         ext = next(e for e in MASK_PREFERENCE if e in exts)
         try:
-            mask, img = io.read_mask(exts[ext])
+            mask, values, img = io.read_mask_values(exts[ext])
         except io.InputError as exc:
             fatal.append(f"unreadable_mask: {label}: {exc.reason}")
             continue
@@ -90,11 +90,9 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
         if problem:
             fatal.append(f"mask_grid: {label}.{ext}: {problem} (T1 and mask disagree; masks not written)")
             continue
-        stored = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj)
-        peak = stored.max() if stored.size else 0
-        if np.any(stored[mask] != peak) or np.any(stored < 0):
-            values = np.unique(stored[mask])[:6].tolist()
-            checks.append(f"not_binary: {label}.{ext} has values {values}; binarised with > 0")
+        if len(values) > 1 or np.any(values < 0):
+            checks.append(f"not_binary: {label}.{ext} has values {np.asarray(values)[:6].tolist()}; "
+                          "binarised with > 0")
         if not mask.any():
             fatal.append(f"empty_mask: {label}.{ext} has no voxel set")
             continue
