@@ -53,7 +53,8 @@ def scan_figure(t1: np.ndarray, defaced: np.ndarray, template: np.ndarray, brain
 
 def write_report(table: pd.DataFrame, out: Path) -> Path:
     env = Environment(loader=FileSystemLoader(str(data_dir("templates"))), autoescape=select_autoescape(["html"]))
-    rows = table.where(pd.notna(table), None).to_dict("records")
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
+            for record in table.to_dict("records")]
     counts = {
         "total": len(rows),
         "passed": sum(1 for r in rows if r.get("qc_pass") is True and r.get("status") != "failed"),
