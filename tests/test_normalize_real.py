@@ -244,11 +244,6 @@ def _face_report(d) -> tuple[float, str]:
     return fraction, report
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deface_profile is a 1-D y_max(z) (the skullnoface mask's anterior edge, maximum over x, i.e. at the "
-    "nose): lateral to the midline the mask's face cut lies 20-30 mm further back, so cheeks, lateral orbits "
-    "and jaw stay. Measured on Colin27 (pose 0): 41-43% of the anterior face removed (27-28% of all head "
-    "outside skullnoface); a per-(x, z) profile y_max(x, z) from the same mask removes 99.9%."))
 def test_deface_removes_the_real_face(defaced_head):
     fraction, report = _face_report(defaced_head)
     print(report)
@@ -260,20 +255,6 @@ def test_deface_removes_the_real_face(defaced_head):
 # 3. determinism
 
 
-def _itk_threads() -> int:
-    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NSLOTS"):
-        if os.environ.get(var, "").strip().isdigit():
-            return int(os.environ[var])
-    return os.cpu_count() or 1
-
-
-@pytest.mark.xfail(_itk_threads() > 1, strict=True, reason=(
-    "register() is not deterministic with more than one ITK thread: ANTs' Mattes MI metric sums over "
-    "threads in a scheduling-dependent order (a known ANTs limitation), and the seeded sampling does not "
-    "help. Measured on Colin27 pose 0 (2 threads): repeats differ by 0.016-0.28 in affine_ras, 0.02-0.93 mm "
-    "mean (up to 2.6 mm max) displacement over the brain; runs fall in two clusters (smallest scale ~0.96 "
-    "or ~0.98). With ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 set before ITK's first use in the process, "
-    "runs are bit-identical (but ~4x slower here)."))
 def test_registration_is_deterministic(registered, brain_points):
     a, b = registered["affines"][0], registered["repeat"]
     diff = float(np.abs(a - b).max())
