@@ -116,17 +116,9 @@ def _dseg(masks: dict[int, np.ndarray], checks: list[str], kind: str) -> np.ndar
     """Label image: 1 = primary, 2.. = secondaries in release order; on overlap the lower label wins."""
     order = sorted(masks)
     out = np.zeros(masks[order[0]].shape, np.uint8, order="F")
+    flat = out.ravel(order="F")  # a view: labels are written through it
     for label, index in enumerate(order, start=1):
-        where = np.flatnonzero(masks[index].ravel(order="K"))
-        flat = out.ravel(order="K") if masks[index].flags.f_contiguous == out.flags.f_contiguous else None
-        if flat is None:  # layouts differ: fall back to boolean indexing
-            current = out[masks[index]]
-            overlap = np.count_nonzero(current)
-            if overlap:
-                others = sorted(set(np.unique(current).tolist()) - {0})
-                checks.append(f"overlap: {kind} lesion {label} overlaps lesion(s) {others} in {overlap} voxels")
-            out[masks[index] & (out == 0)] = label
-            continue
+        where = np.flatnonzero(masks[index].ravel(order="F"))
         current = flat[where]
         overlap = np.count_nonzero(current)
         if overlap:

@@ -124,7 +124,6 @@ class Registration:
     transform_file: str          # ANTs affine .mat (template -> native points, as ANTs stores it)
     affine_ras: np.ndarray       # native world RAS mm -> template world RAS mm
     corrected: ants.ANTsImage    # bias-corrected, robustly scaled native T1
-    native_brain: ants.ANTsImage  # template brain mask mapped to the native T1 (nearest neighbour)
 
 
 def ants_affine_to_ras(path: str) -> np.ndarray:
@@ -213,6 +212,4 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
                           outprefix=os.path.join(tmp, f"brain{n}_"))
     final = os.path.join(tmp, "final.mat")
     shutil.copyfile(stage["fwdtransforms"][0], final)
-    native_brain = ants.apply_transforms(corrected, tpl["brain"], [final], whichtoinvert=[True],
-                                         interpolator="nearestNeighbor")
-    return Registration(final, ants_affine_to_ras(final), corrected, native_brain)
+    return Registration(final, ants_affine_to_ras(final), corrected)
