@@ -1,0 +1,184 @@
+"""One table of the scans of a converted (and usually normalised) BIDS dataset, for the later stages.
+
+``overlap-map``, ``split``, ``train-baseline`` and ``export`` all need the same thing: every scan with its
+template-space T1w and lesion images, its QC verdict and its participant/session metadata. This module
+builds that table once, from files only:
+
+* template-space images come from the ``normalize`` derivative (``derivatives/atlas-curate``:
+  ``desc-preproc_T1w``, ``label-L_desc-T1lesion_mask``, ``desc-lesions_dseg``); a scan that was never
+  normalised but was converted from a standard-space archive (``derivatives/lesions`` in
+  ``space-MNI152NLin2009aSym``) uses those images directly (its QC is then ``n/a``);
+* QC comes from ``derivatives/atlas-curate/qc.tsv`` (``qc_pass``; a scan whose normalisation failed
+  or was flagged is excluded by default, with the reason);
+* metadata from ``participants.tsv`` and every ``sub-*/sub-*_sessions.tsv`` (session columns win over
+  participant columns of the same name).
+
+Columns: ``scan`` (``sub-X_ses-Y``), ``participant_id``, ``session_id``, ``subject``, ``session``,
+``t1``, ``mask``, ``dseg``, ``raw_mask`` (absolute paths or ``None``), ``native_mask``, ``native_dseg``
+(the converted native-space masks, for native volumes), ``source`` (``normalize`` | ``standard``),
+``qc_pass`` (True/False/None), ``qc_reasons``, ``has_mask``, ``excluded`` (reason or ``""``), then the
+metadata columns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import naming
+
+SPACE = "MNI152NLin2009aSym"
+_T1 = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)_space-" + SPACE
+                 + r"_(?:desc-preproc_)?T1w\.nii\.gz$")
+PATH_COLUMNS = ("t1", "mask", "dseg", "raw_mask", "native_mask", "native_dseg")
+
+
+def _existing(path: Path) -> str | None:
+    return str(path) if path.is_file() else None
+
+
+def _template_images(base: Path, sub: str, ses: str, desc_t1: str | None) -> dict[str, str | None]:
+    return {
+        "t1": _existing(base / naming.bids_path(sub, ses, "T1w", space=SPACE, desc=desc_t1)),
+        "mask": _existing(base / naming.bids_path(sub, ses, "mask", space=SPACE, label="L", desc="T1lesion")),
+        "dseg": _existing(base / naming.bids_path(sub, ses, "dseg", space=SPACE, desc="lesions")),
+        "raw_mask": _existing(base / naming.bids_path(sub, ses, "mask", space=SPACE, label="L", desc="T1lesionRaw")),
+    }
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+
+
+def _metadata(root: Path) -> pd.DataFrame:
+    """participants.tsv joined with every sessions.tsv: one row per (participant_id, session_id)."""
+    participants = _read_tsv(root / "participants.tsv") if (root / "participants.tsv").is_file() else None
+    sessions = []
+    for path in sorted(root.glob("sub-*/sub-*_sessions.tsv")):
+        table = _read_tsv(path)
+        table.insert(0, "participant_id", path.parent.name)
+        sessions.append(table)
+    meta = pd.concat(sessions, ignore_index=True) if sessions else pd.DataFrame(columns=["participant_id", "session_id"])
+    if participants is not None:
+        extra = [c for c in participants.columns if c == "participant_id" or c not in meta.columns]
+        meta = meta.merge(participants[extra], on="participant_id", how="outer")
+    return meta
+
+
+def _typed(table: pd.DataFrame, skip: set[str]) -> pd.DataFrame:
+    """Numeric metadata columns as numbers (so ``--where "fazekas_pvh >= 2"`` works)."""
+    for column in table.columns:
+        if column in skip or not (table[column].dtype == object or pd.api.types.is_string_dtype(table[column])):
+            continue
+        converted = pd.to_numeric(table[column], errors="coerce")
+        if converted.notna().sum() == table[column].notna().sum() and table[column].notna().any():
+            table[column] = converted
+    return table
+
+
+def scan_table(bids_root: os.PathLike | str, *, include_failed: bool = False) -> pd.DataFrame:
+    """Every scan of ``bids_root`` with template-space images, QC and metadata; see the module docstring.
+
+    Rows are sorted by scan. ``excluded`` holds why a scan cannot be used by default: ``"qc failed: ..."``
+    (unless ``include_failed``), ``"normalize failed: ..."``, ``"no template-space T1w"``.
+    """
+    root = Path(bids_root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    pipeline = root / naming.PIPELINE_DERIVATIVE
+    lesions = root / naming.LESION_DERIVATIVE
+    keys: dict[tuple[str, str], dict] = {}
+    for path in sorted(root.glob("sub-*/ses-*/anat/sub-*_T1w.nii.gz")) + sorted(
+            lesions.glob("sub-*/ses-*/anat/sub-*_T1w.nii.gz")):
+        m = re.match(r"^sub-([A-Za-z0-9]+)_ses-([A-Za-z0-9]+)_", path.name)
+        if m:
+            keys.setdefault((m[1], m[2]), {})
+    for path in sorted(pipeline.glob("sub-*/ses-*/anat/*_T1w.nii.gz")):
+        m = _T1.match(path.name)
+        if m:
+            keys.setdefault((m["sub"], m["ses"]), {})
+    qc = _read_tsv(pipeline / "qc.tsv").set_index("scan") if (pipeline / "qc.tsv").is_file() else None
+
+    rows = []
+    for (sub, ses) in sorted(keys):
+        scan = f"sub-{sub}_ses-{ses}"
+        row: dict = {"scan": scan, "participant_id": f"sub-{sub}", "session_id": f"ses-{ses}", "subject": sub,
+                     "session": ses}
+        images = _template_images(pipeline, sub, ses, "preproc")
+        source = "normalize" if images["t1"] else None
+        if source is None:
+            standard = _template_images(lesions, sub, ses, None)
+            if standard["t1"]:
+                images, source = standard, "standard"
+        row.update(images)
+        row["native_mask"] = _existing(lesions / naming.bids_path(sub, ses, "mask", space="orig", label="L",
+                                                                    desc="T1lesion"))
+        row["native_dseg"] = _existing(lesions / naming.bids_path(sub, ses, "dseg", space="orig", desc="lesions"))
+        row["source"] = source
+        qc_pass, reasons, status, error = None, "", None, ""
+        if qc is not None and scan in qc.index and source == "normalize":
+            entry = qc.loc[scan]
+            qc_pass = {"True": True, "False": False}.get(str(entry.get("qc_pass")))
+            reasons = "" if pd.isna(entry.get("qc_reasons")) else str(entry.get("qc_reasons"))
+            status = entry.get("status")
+            error = "" if pd.isna(entry.get("error")) else str(entry.get("error"))
+        elif qc is not None and scan in qc.index and qc.loc[scan].get("status") == "failed":
+            status, error, qc_pass = "failed", str(qc.loc[scan].get("error")), False
+        row["qc_pass"] = qc_pass
+        row["qc_reasons"] = reasons
+        row["has_mask"] = row["mask"] is not None
+        if status == "failed":
+            row["excluded"] = f"normalize failed: {error}"
+        elif source is None:
+            row["excluded"] = "no template-space T1w"
+        elif qc_pass is False and not include_failed:
+            row["excluded"] = f"qc failed: {reasons}"
+        else:
+            row["excluded"] = ""
+        rows.append(row)
+
+    fixed = ["scan", "participant_id", "session_id", "subject", "session", *PATH_COLUMNS, "source", "qc_pass",
+             "qc_reasons", "has_mask", "excluded"]
+    table = pd.DataFrame(rows, columns=fixed)
+    meta = _metadata(root)
+    if len(meta):
+        meta = meta.drop(columns=[c for c in meta.columns if c in table.columns
+                                  and c not in ("participant_id", "session_id")])
+        table = table.merge(meta, on=["participant_id", "session_id"], how="left")
+    return _typed(table, skip=set(fixed) | {"source_id"}).reset_index(drop=True)
+
+
+def where(table: pd.DataFrame, expression: str | None) -> pd.DataFrame:
+    """Rows matching a pandas query on the metadata columns, e.g. ``"fazekas_pvh >= 2"``.
+
+    Unknown column names are an error listing the columns that exist."""
+    if not expression:
+        return table
+    try:
+        return table.query(expression, engine="python")
+    except pd.errors.UndefinedVariableError as exc:
+        known = ", ".join(c for c in table.columns if c not in PATH_COLUMNS)
+        match = re.search(r"name '([^']+)' is not defined", str(exc))
+        what = f"unknown column {match[1]!r}" if match else str(exc)
+        raise ValueError(f"--where {expression!r}: {what}; known columns: {known}") from None
+    except (SyntaxError, TypeError) as exc:
+        raise ValueError(f"--where {expression!r}: {exc}") from None
+
+
+def first_sessions(table: pd.DataFrame) -> pd.DataFrame:
+    """One scan per subject: its first session in sorted order."""
+    return table.sort_values(["participant_id", "session_id"]).groupby("participant_id", sort=False).head(1)
+
+
+def lesion_volume_mm3(path: str | None) -> float:
+    """Volume of a mask file's non-zero voxels in mm³ (nan when there is none)."""
+    if not path:
+        return float("nan")
+    import nibabel as nib
+
+    img = nib.load(path)
+    return float(np.count_nonzero(np.asanyarray(img.dataobj))) * float(np.prod(img.header.get_zooms()[:3]))
