@@ -108,6 +108,27 @@ def normalize_cmd(bids_root, template, participant_labels, jobs, executor, sched
 
 
 @main.command()
+@click.argument("masks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per pair) instead of a table.")
+def agreement(masks, as_json):
+    """Agreement between two or more lesion masks of the same brain (DSC, HD, HD95, ASSD, volumes, lesion F1).
+
+    Every pair is compared; masks on different grids are an error (nothing is resampled)."""
+    from .metrics import agreement as compute
+
+    if len(masks) < 2:
+        raise click.UsageError("give at least two masks")
+    table = compute(list(masks))
+    if as_json:
+        import json
+
+        records = json.loads(table.to_json(orient="records"))
+        click.echo(json.dumps(records, indent=2))
+    else:
+        click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-output")
 @click.option("--subjects", default=10, show_default=True, type=click.IntRange(1, 200))
 @click.option("--seed", default=0, show_default=True, type=int)

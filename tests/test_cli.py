@@ -76,3 +76,25 @@ def test_console_entry_reports_non_empty_folder_in_one_line(tmp_path, monkeypatc
     assert "not empty" in err and str(out) in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_agreement_command_table_json_and_grid_error(tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from atlas_curate.cli import main
+
+    cube = np.zeros((20, 20, 20), np.uint8)
+    cube[5:10, 5:10, 5:10] = 1
+    nib.save(nib.Nifti1Image(cube, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(np.roll(cube, 2, 0), np.eye(4)), tmp_path / "b.nii.gz")
+    nib.save(nib.Nifti1Image(cube, np.diag([2.0, 1, 1, 1])), tmp_path / "c.nii.gz")
+    runner = CliRunner()
+    result = runner.invoke(main, ["agreement", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--json"])
+    assert result.exit_code == 0, result.output
+    (pair,) = json.loads(result.output)
+    assert pair["dsc"] == 0.6 and pair["hd"] == 2.0  # 5-voxel cubes shifted by 2: 2*75/250
+    result = runner.invoke(main, ["agreement", str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz")])
+    assert result.exit_code != 0 and "c.nii.gz" in str(result.exception)

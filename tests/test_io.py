@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -182,13 +183,13 @@ def test_save_nifti_atomic_success(tmp_path):
 def test_save_nifti_leaves_nothing_when_writing_raises(tmp_path, monkeypatch):
     seen = []
 
-    def broken_save(img, filename):
-        seen.append(filename)
-        with open(filename, "wb") as handle:  # a partial file, as a crash mid-write leaves
-            handle.write(b"\x1f\x8bpartial")
+    def broken_write(self, data):
+        seen.append(self)
+        with open(self, "wb") as handle:  # a partial file, as a crash mid-write leaves
+            handle.write(data[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    monkeypatch.setattr(Path, "write_bytes", broken_write)
     path = tmp_path / "out.nii.gz"
     with pytest.raises(OSError, match="disk full"):
         save_nifti(_image(), path)
