@@ -39,8 +39,10 @@ def main(verbose: int) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--subjects", default=8, show_default=True, type=click.IntRange(1, 2000), help="Number of subjects.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same release.")
-@click.option("--flavour", default="native", show_default=True, type=click.Choice(["native", "standard"]),
-              help="native: ICPSR layout with scanner-space heads; standard: FCP-INDI layout in template space.")
+@click.option("--flavour", default="native", show_default=True, type=click.Choice(["native", "standard", "atlas2"]),
+              help="native: ICPSR R1.1 layout with scanner-space heads; standard: FCP-INDI R1.1 layout in template "
+                   "space; atlas2: R2.0 layout (ATLAS_2/Training|Testing/RNNN/sub-*/ses-1/anat, one merged mask per "
+                   "training scan, testing masks only in the truth).")
 @click.option("--faults", is_flag=True, help="Add broken scans (truncated gzip, mask on another grid, empty mask, "
                                             "metadata row without folder, folder without row).")
 @click.option("--truth", type=click.Path(file_okay=False), default=None,
@@ -60,7 +62,8 @@ def synth(out, subjects, seed, flavour, faults, truth, jobs):
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Metadata table (xlsx or csv); default: the one at the release root.")
-@click.option("--flavour", default="auto", show_default=True, type=click.Choice(["auto", "native", "standard"]),
+@click.option("--flavour", default="auto", show_default=True,
+              type=click.Choice(["auto", "native", "standard", "atlas2"]),
               help="Release layout; auto detects it.")
 @click.option("--naming", "naming_scheme", default="native", show_default=True,
               type=click.Choice(["native", "atlas2"]),

@@ -1,7 +1,12 @@
 """Typed scan identifiers of the ATLAS releases and their BIDS labels.
 
 Identifiers are parsed with a regex and never assembled from raw text elsewhere, so a typo in a
-folder name is an error here rather than a silently wrong subject later.
+folder name is an error here rather than a silently wrong subject later. The patterns are strict (fixed
+digit counts, no other characters), which also keeps every label derived from them safe to use in a path.
+
+* R1.1 native (ICPSR): ``c0001s0001t01`` (cohort, subject, time point) -> :class:`ScanId`;
+* R1.1 standard (FCP-INDI): ``Site1/031768/t01`` -> :class:`IndiScanId`;
+* R2.0: ``sub-r001s001`` + ``ses-1`` (cohort r001, subject s001, session 1) -> :class:`Atlas2ScanId`.
 """
 
 from __future__ import annotations
@@ -132,3 +137,70 @@ class IndiScanId:
         if naming == "atlas2":
             return f"r{self.site:03d}s{self.subject:06d}", str(self.timepoint)
         raise IdError(f"unknown naming {naming!r}; choose one of {NAMINGS}")
+
+
+ATLAS2_SUBJECT = re.compile(r"^(?:sub-)?r(?P<cohort>\d{3})s(?P<subject>\d{3})$")
+ATLAS2_SESSION = re.compile(r"^(?:ses-)?(?P<session>0|[1-9]\d{0,2})$")
+ATLAS2_COHORT = re.compile(r"^R(?P<cohort>\d{3})$")
+ATLAS2_SCAN = re.compile(r"^(?P<subject>sub-r\d{3}s\d{3})_(?P<session>ses-\d{1,3})$")
+
+
+@dataclass(frozen=True, order=True)
+class Atlas2ScanId:
+    """One scan of ATLAS R2.0: ``sub-r001s001`` / ``ses-1`` (cohort 1, subject 1, session 1).
+
+    Its text form (the scan key) is the release's own file-name prefix, ``sub-r001s001_ses-1``. Subject
+    labels are exactly ``r`` + 3 digits + ``s`` + 3 digits; sessions are decimal digits without leading
+    zeros, so that text -> id -> text is exact (``ses-01`` is rejected rather than silently renamed).
+    """
+
+    cohort: int
+    subject: int
+    session: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.cohort <= 999 and 0 <= self.subject <= 999 and 0 <= self.session <= 999):
+            raise IdError(f"ATLAS 2.0 scan id out of range: cohort={self.cohort} subject={self.subject} "
+                          f"session={self.session}")
+
+    @classmethod
+    def parse_subject(cls, subject: str) -> tuple[int, int]:
+        """``(cohort, subject)`` of ``r001s001`` or ``sub-r001s001``."""
+        match = ATLAS2_SUBJECT.match(str(subject).strip())
+        if not match:
+            raise IdError(f"not an ATLAS 2.0 subject label (expected e.g. sub-r001s001): {subject!r}")
+        return int(match["cohort"]), int(match["subject"])
+
+    @classmethod
+    def parse_parts(cls, subject: str, session: str) -> "Atlas2ScanId":
+        cohort, number = cls.parse_subject(subject)
+        match = ATLAS2_SESSION.match(str(session).strip())
+        if not match:
+            raise IdError(f"not an ATLAS 2.0 session label (expected e.g. ses-1): {session!r}")
+        return cls(cohort, number, int(match["session"]))
+
+    @classmethod
+    def parse(cls, text: str) -> "Atlas2ScanId":
+        match = ATLAS2_SCAN.match(str(text).strip())
+        if not match:
+            raise IdError(f"not an ATLAS 2.0 scan id (expected e.g. sub-r001s001_ses-1): {text!r}")
+        return cls.parse_parts(match["subject"], match["session"])
+
+    def __str__(self) -> str:
+        return f"sub-{self.subject_id}_ses-{self.session}"
+
+    @property
+    def cohort_id(self) -> str:
+        """The release's cohort folder name, ``R001``."""
+        return f"R{self.cohort:03d}"
+
+    @property
+    def subject_id(self) -> str:
+        return f"r{self.cohort:03d}s{self.subject:03d}"
+
+    def bids_labels(self, naming: str = "native") -> tuple[str, str]:
+        """``(subject, session)`` BIDS labels: the release's own (``r001s001``, ``1``) under either naming,
+        since R2.0 already follows the ATLAS 2.0 convention."""
+        if naming not in NAMINGS:
+            raise IdError(f"unknown naming {naming!r}; choose one of {NAMINGS}")
+        return self.subject_id, str(self.session)

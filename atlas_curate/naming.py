@@ -5,7 +5,11 @@ Release layouts (see ATLAS-FACTS.md):
 * native (ICPSR R1.1): ``cXXXX/cXXXXsXXXXtXX/ID.nii.gz``, ``ID_LesionRaw[_k].voi``,
   ``ID_LesionSmooth[_k].voi``, ``ID_LesionSmooth[_k].nii.gz`` (k = 1.. secondaries);
 * standard (FCP-INDI R1.1): ``ATLAS_R1.1/SiteN/SSSSSS/tNN/SSSSSS_t1w_deface_stx.nii.gz``,
-  ``SSSSSS_LesionSmooth[_k]_stx.nii.gz``.
+  ``SSSSSS_LesionSmooth[_k]_stx.nii.gz``;
+* R2.0: ``ATLAS_2/{Training,Testing}/RNNN/sub-rNNNsNNN/ses-N/anat/`` with
+  ``sub-…_ses-…_space-MNI152NLin2009aSym_T1w.nii.gz`` and (training only) one mask per scan,
+  ``…_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz``; ``dataset_description.json`` per
+  cohort folder; the metadata table and the template ``MNI152NLin2009aSym.nii.gz`` in ``ATLAS_2/``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ids import IndiScanId, ScanId
+from .ids import Atlas2ScanId, IndiScanId, ScanId
 
 NATIVE_METADATA_NAME = "20171106_ATLAS_Meta-Data_Release_1.1_Updated.xlsx"
 STANDARD_ROOT = "ATLAS_R1.1"
 STANDARD_METADATA_NAME = "ATLAS_Meta-Data_Release_1.1_standard_mni.csv"
+ATLAS2_ROOT = "ATLAS_2"
+ATLAS2_PARTS = {"training": "Training", "testing": "Testing"}   # part -> folder
+ATLAS2_METADATA_NAME = "20220425_ATLAS_2.0_MetaData.xlsx"
+ATLAS2_TEMPLATE_NAME = "MNI152NLin2009aSym.nii.gz"
+ATLAS2_SPACE = "MNI152NLin2009aSym"
 
 NATIVE_MASK = re.compile(r"^(?P<id>c\d{4}s\d{4}t\d{2})_Lesion(?P<kind>Raw|Smooth)(?:_(?P<index>\d+))?"
                          r"\.(?P<ext>voi|nii\.gz|nii)$")
@@ -68,6 +77,28 @@ def standard_t1(scan: IndiScanId) -> Path:
 def standard_mask(scan: IndiScanId, index: int = 0, kind: str = "Smooth") -> Path:
     suffix = f"_{index}" if index else ""
     return standard_scan_dir(scan) / f"{scan.file_stem}_Lesion{kind}{suffix}_stx.nii.gz"
+
+
+def atlas2_scan_dir(scan: Atlas2ScanId, part: str) -> Path:
+    """``ATLAS_2/<Training|Testing>/R001/sub-r001s001/ses-1/anat``."""
+    return (Path(ATLAS2_ROOT) / ATLAS2_PARTS[part] / scan.cohort_id / f"sub-{scan.subject_id}"
+            / f"ses-{scan.session}" / "anat")
+
+
+def atlas2_t1_name(scan: Atlas2ScanId, ext: str = ".nii.gz") -> str:
+    return bids_name(*scan.bids_labels(), "T1w", ext, space=ATLAS2_SPACE)
+
+
+def atlas2_mask_name(scan: Atlas2ScanId, ext: str = ".nii.gz") -> str:
+    return bids_name(*scan.bids_labels(), "mask", ext, space=ATLAS2_SPACE, label="L", desc="T1lesion")
+
+
+def atlas2_t1(scan: Atlas2ScanId, part: str) -> Path:
+    return atlas2_scan_dir(scan, part) / atlas2_t1_name(scan)
+
+
+def atlas2_mask(scan: Atlas2ScanId, part: str) -> Path:
+    return atlas2_scan_dir(scan, part) / atlas2_mask_name(scan)
 
 
 # --- BIDS ---------------------------------------------------------------------------------------

@@ -43,3 +43,12 @@ def standard_release(tmp_path_factory) -> Release:
     synthesize(base / "release", subjects=3, seed=5, flavour="standard", faults=True, truth=base / "truth",
                jobs=2, progress=False)
     return Release(base / "release", base / "truth")
+
+
+@pytest.fixture(scope="session")
+def atlas2_release(tmp_path_factory) -> Release:
+    """6 subjects in the ATLAS R2.0 layout (4 training, 2 testing, 4 cohorts) + 5 fault scans."""
+    base = tmp_path_factory.mktemp("atlas2")
+    synthesize(base / "release", subjects=6, seed=2, flavour="atlas2", faults=True, truth=base / "truth",
+               jobs=2, progress=False)
+    return Release(base / "release", base / "truth")

@@ -1,4 +1,17 @@
-"""Find the scans of a release folder and what files each has (reading nothing but names)."""
+"""Find the scans of a release folder and what files each has (reading nothing but names).
+
+One reader per release layout turns a folder into :class:`SourceScan` records; everything after that
+(reading, checking and writing) is shared. Layouts (see ``naming.py``):
+
+* ``native``: R1.1 ICPSR, ``cXXXX/cXXXXsXXXXtXX/``;
+* ``standard``: R1.1 FCP-INDI, ``[ATLAS_R1.1/]SiteN/SSSSSS/tNN/``;
+* ``atlas2``: R2.0, ``[ATLAS_2/]{Training,Testing}/RNNN/sub-rNNNsNNN/ses-N/anat/``. Its single mask per
+  scan (all lesions merged) is recorded as lesion 0 with ``merged_mask``; testing scans
+  (``part="testing"``) have no mask by design (``mask_expected=False``).
+
+Every folder name that becomes a label is parsed by a strict pattern (``ids.py``); a folder that does not
+match is an error naming the folder, never a label built from raw text.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import naming
-from ..ids import IdError, IndiScanId, ScanId
+from ..ids import ATLAS2_COHORT, Atlas2ScanId, IdError, IndiScanId, ScanId
 
-FLAVOURS = ("auto", "native", "standard")
+FLAVOURS = ("auto", "native", "standard", "atlas2")
 COHORT_DIR = re.compile(r"^c\d{4}$")
 SITE_DIR = re.compile(r"^Site\d{1,3}$")
 
@@ -22,8 +35,8 @@ class ReleaseError(Exception):
 class SourceScan:
     """One scan of a release: its IDs and the paths of its files (absolute, as strings)."""
 
-    key: str                 # the release's scan ID: c0001s0001t01 or Site1/031768/t01
-    flavour: str             # native | standard
+    key: str                 # the release's scan ID: c0001s0001t01, Site1/031768/t01 or sub-r001s001_ses-1
+    flavour: str             # native | standard | atlas2
     cohort: str
     subject: str             # BIDS labels
     session: str
@@ -33,9 +46,24 @@ class SourceScan:
     raw: dict[int, dict[str, str]] = field(default_factory=dict)
     unrecognised: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    part: str = ""                 # atlas2: training | testing
+    merged_mask: bool = False      # one mask holds every lesion (R2.0): identity is derived, not read
+    mask_expected: bool = True     # False where the release withholds masks by design (R2.0 testing)
+
+
+def atlas2_root(root: Path) -> Path:
+    """The folder holding ``Training/`` and ``Testing/``: the archive's ``ATLAS_2`` or the given folder."""
+    return root / naming.ATLAS2_ROOT if (root / naming.ATLAS2_ROOT).is_dir() else root
+
+
+def _atlas2_parts(root: Path) -> list[tuple[str, Path]]:
+    base = atlas2_root(root)
+    return [(part, base / folder) for part, folder in naming.ATLAS2_PARTS.items() if (base / folder).is_dir()]
 
 
 def detect_flavour(root: Path) -> str:
+    """``native`` (cXXXX/ folders), ``standard`` ([ATLAS_R1.1/]SiteN/) or ``atlas2``
+    ([ATLAS_2/]Training/ or Testing/ holding RNNN/ cohort folders)."""
     if not root.is_dir():
         raise ReleaseError(f"{root}: not a folder")
     if any(COHORT_DIR.match(p.name) and p.is_dir() for p in root.iterdir()):
@@ -43,8 +71,11 @@ def detect_flavour(root: Path) -> str:
     std = root / naming.STANDARD_ROOT if (root / naming.STANDARD_ROOT).is_dir() else root
     if any(SITE_DIR.match(p.name) and p.is_dir() for p in std.iterdir()):
         return "standard"
-    raise ReleaseError(f"{root}: neither a native release (cXXXX/cXXXXsXXXXtXX/ folders) nor a "
-                       f"standard-space release ({naming.STANDARD_ROOT}/SiteN/ folders)")
+    if any(ATLAS2_COHORT.match(p.name) and p.is_dir() for _, folder in _atlas2_parts(root) for p in folder.iterdir()):
+        return "atlas2"
+    raise ReleaseError(f"{root}: neither a native release (cXXXX/cXXXXsXXXXtXX/ folders), a "
+                       f"standard-space release ({naming.STANDARD_ROOT}/SiteN/ folders) nor an R2.0 release "
+                       f"({naming.ATLAS2_ROOT}/Training/RNNN/ or {naming.ATLAS2_ROOT}/Testing/RNNN/ folders)")
 
 
 def standard_root(root: Path) -> Path:
@@ -67,6 +98,61 @@ def _add_files(scan: SourceScan, folder: Path, t1_names: tuple[str, ...], stem: 
             continue
         table = scan.smooth if parsed.kind == "Smooth" else scan.raw
         table.setdefault(parsed.index, {})[parsed.ext] = str(path)
+
+
+def _folders(parent: Path) -> list[Path]:
+    """Sub-folders, hidden ones left out."""
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _atlas2_scan(session_dir: Path, cohort_dir: Path, part: str, naming_scheme: str) -> SourceScan:
+    try:
+        sid = Atlas2ScanId.parse_parts(session_dir.parent.name, session_dir.name)
+    except IdError as exc:
+        raise ReleaseError(f"{session_dir}: {exc}") from exc
+    if session_dir.parent.name != f"sub-{sid.subject_id}" or session_dir.name != f"ses-{sid.session}":
+        raise ReleaseError(f"{session_dir}: folders must be named sub-rNNNsNNN/ses-N")
+    sub, ses = sid.bids_labels(naming_scheme)
+    scan = SourceScan(str(sid), "atlas2", sid.cohort_id, sub, ses, str(session_dir), part=part, merged_mask=True,
+                      mask_expected=part == "training")
+    if sid.cohort_id != cohort_dir.name:
+        scan.problems.append(f"cohort_folder: scan {sid} is filed under {cohort_dir.name}")
+    t1_names = {naming.atlas2_t1_name(sid, ext) for ext in (".nii.gz", ".nii")}
+    mask_names = {naming.atlas2_mask_name(sid, ext): ext.lstrip(".") for ext in (".nii.gz", ".nii")}
+    for path in sorted(session_dir.rglob("*")):
+        rel = path.relative_to(session_dir).as_posix()
+        if path.is_dir() or any(piece.startswith(".") for piece in Path(rel).parts):
+            continue
+        if path.parent.name != "anat" or path.parent.parent != session_dir:
+            scan.unrecognised.append(rel)
+        elif path.name in t1_names:
+            if scan.t1 is not None:
+                scan.problems.append(f"duplicate_t1: {path.name}")
+            scan.t1 = str(path)
+        elif path.name in mask_names:
+            scan.smooth.setdefault(0, {})[mask_names[path.name]] = str(path)
+        else:
+            scan.unrecognised.append(rel)
+    return scan
+
+
+def _discover_atlas2(root: Path, naming_scheme: str) -> list[SourceScan]:
+    """R2.0: every ``{Training,Testing}/RNNN/sub-rNNNsNNN/ses-N/`` folder. Files beside the cohort folders
+    (``dataset_description.json``, README, …) are not scans; any other folder is an error."""
+    parts = _atlas2_parts(root)
+    if not parts:
+        raise ReleaseError(f"{root}: no {naming.ATLAS2_ROOT}/Training or {naming.ATLAS2_ROOT}/Testing folder")
+    scans = []
+    for part, part_dir in parts:
+        for cohort_dir in _folders(part_dir):
+            if not ATLAS2_COHORT.match(cohort_dir.name):
+                raise ReleaseError(f"{cohort_dir}: not an R2.0 cohort folder (expected e.g. R001)")
+            for subject_dir in _folders(cohort_dir):
+                sessions = _folders(subject_dir)
+                if not sessions:
+                    raise ReleaseError(f"{subject_dir}: no ses-N folder")
+                scans += [_atlas2_scan(d, cohort_dir, part, naming_scheme) for d in sessions]
+    return scans
 
 
 def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native") -> tuple[str, list[SourceScan]]:
@@ -105,6 +191,8 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                     _add_files(scan, session_dir, (f"{stem}_t1w_deface_stx.nii.gz", f"{stem}_t1w_deface_stx.nii"),
                                stem)
                     scans.append(scan)
+    elif flavour == "atlas2":
+        scans = _discover_atlas2(root, naming_scheme)
     else:
         raise ReleaseError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
     seen: dict[tuple[str, str], str] = {}
@@ -118,10 +206,11 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
 
 def find_metadata(root: Path, flavour: str) -> Path | None:
     """The release's metadata table at the archive root (xlsx or csv), if any."""
-    if flavour == "native":
-        candidates = sorted(p for p in Path(root).glob("*.xlsx")
-                            if "meta" in p.name.lower() and not p.name.startswith(("~$", ".")))
-        candidates += sorted(p for p in Path(root).glob("*.csv") if "meta" in p.name.lower())
+    if flavour in ("native", "atlas2"):
+        folders = [Path(root)] if flavour == "native" else list(dict.fromkeys([atlas2_root(Path(root)), Path(root)]))
+        candidates = [p for folder in folders for p in sorted(folder.glob("*.xlsx"))
+                      if "meta" in p.name.lower() and not p.name.startswith(("~$", "."))]
+        candidates += [p for folder in folders for p in sorted(folder.glob("*.csv")) if "meta" in p.name.lower()]
     else:
         candidates = sorted(p for p in standard_root(Path(root)).glob("*.csv") if "meta" in p.name.lower())
         candidates += sorted(p for p in Path(root).glob("*.csv") if "meta" in p.name.lower())

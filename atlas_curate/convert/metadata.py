@@ -2,6 +2,11 @@
 
 A release with renamed columns is a data change (edit or add a mapping file), not a code change.
 Columns the mapping does not know are kept under a snake_case name and described as unmapped.
+
+Rows are keyed by the scan they describe: ``Subject ID`` (R1.1 native, ``c0001s0001t01``), ``INDI Site
+ID`` + ``INDI Subject ID`` + ``Session`` (R1.1 standard), or ``Subject ID`` (R2.0, ``r001s001`` or
+``sub-r001s001``), which names a subject, not a scan: R2.0 has one session per subject, so the row is
+taken to describe ``ses-1``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..ids import IdError, IndiScanId, ScanId
+from ..ids import Atlas2ScanId, IdError, IndiScanId, ScanId
 from ..io import InputError
 from ..resources import data_dir
 
-MAPPINGS = {"native": "r1.1-native.tsv", "standard": "r1.1-indi.tsv"}
+MAPPINGS = {"native": "r1.1-native.tsv", "standard": "r1.1-indi.tsv", "atlas2": "r2.0.tsv"}
+ID_COLUMNS = {"native": ["Subject ID"], "standard": ["INDI Site ID", "INDI Subject ID", "Session"],
+              "atlas2": ["Subject ID"]}
+ATLAS2_SESSION = 1
 TYPES = ("id", "count", "grade", "string", "subject6")
 
 
@@ -122,6 +130,8 @@ class Metadata:
 def row_key(row: pd.Series, flavour: str) -> str:
     if flavour == "native":
         return str(ScanId.parse(str(row["Subject ID"])))
+    if flavour == "atlas2":
+        return str(Atlas2ScanId(*Atlas2ScanId.parse_subject(str(row["Subject ID"])), ATLAS2_SESSION))
     subject = str(row["INDI Subject ID"]).strip()
     if subject.endswith(".0"):
         subject = subject[:-2]
@@ -136,7 +146,7 @@ def load_metadata(path: Path | None, flavour: str) -> Metadata:
         return Metadata(None, specs, {}, ["metadata: no metadata table found at the release root"])
     table = read_table(path)
     known = {s.source for s in specs}
-    id_columns = ["Subject ID"] if flavour == "native" else ["INDI Site ID", "INDI Subject ID", "Session"]
+    id_columns = ID_COLUMNS[flavour]
     missing = [c for c in id_columns if c not in table.columns]
     if missing:
         raise InputError(path, f"metadata table lacks the ID column(s) {missing}; columns are {list(table.columns)}")

@@ -20,7 +20,9 @@ from .scan import ScanJob, convert_scan
 log = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.10.0"
-RELEASES = {"native": "R1.1-native", "standard": "R1.1-standard"}
+RELEASES = {"native": "R1.1-native", "standard": "R1.1-standard", "atlas2": "R2.0"}
+REFERENCES = {"R2.0": "Liew et al. 2022, Sci Data 9:320, doi:10.1038/s41597-022-01401-7"}
+WRITTEN_STATUSES = ("converted", "masks_withheld", "no_mask")   # scans whose T1 is in the dataset
 REPORT_COLUMNS = ["scan", "participant_id", "session_id", "status", "reason", "n_lesions",
                   "lesion_volumes_mm3", "primary_override", "checks"]
 FAILED_STATUSES = ("failed", "masks_withheld")
@@ -79,7 +81,8 @@ def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
         "DatasetType": "raw",
         "License": "Restricted: ATLAS data use agreement",
         "Authors": ["Sook-Lei Liew", "Julia M. Anglin", "Nick W. Banks", "ATLAS contributors"],
-        "ReferencesAndLinks": ["Liew et al. 2018, Sci Data 5:180011, doi:10.1038/sdata.2018.11"],
+        "ReferencesAndLinks": ["Liew et al. 2018, Sci Data 5:180011, doi:10.1038/sdata.2018.11"]
+                              + ([REFERENCES[release]] if release in REFERENCES else []),
         "GeneratedBy": generated,
     }, output / "dataset_description.json")
     readme = (
@@ -90,7 +93,11 @@ def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
            " are in template space and live in derivatives/lesions/ (space-MNI152NLin2009aSym)") + ".\n"
         "* Hand-traced lesions: derivatives/lesions/ (union mask label-L_desc-T1lesion, per-lesion\n"
         "  identity desc-lesions_dseg with 1 = primary, unsmoothed tracings desc-T1lesionRaw).\n"
-        "* Release metadata: participants.tsv and sub-*/sub-*_sessions.tsv, described in the JSON sidecars.\n"
+        + ("* R2.0 ships one mask per scan (all lesions merged): the dseg's lesions are its 26-connected\n"
+           "  components by size (1 = largest), derived here, not given by the release. Testing scans have\n"
+           "  no mask (status no_mask in conversion_report.tsv); sessions.tsv column part = training|testing.\n"
+           if flavour == "atlas2" else "")
+        + "* Release metadata: participants.tsv and sub-*/sub-*_sessions.tsv, described in the JSON sidecars.\n"
         "* conversion_report.tsv: one row per scan with status, reason and every failed check.\n"
     )
     io.write_text(readme, output / "README")
@@ -127,17 +134,18 @@ def _tables(output: Path, scans: list[SourceScan], written: set[str], metadata: 
             if part.get(spec.column) is None:
                 part[spec.column] = values.get(spec.column)
         sessions.setdefault(scan.subject, []).append(
-            {"session_id": f"ses-{scan.session}", "source_id": scan.key,
+            {"session_id": f"ses-{scan.session}", "source_id": scan.key, "part": scan.part or None,
              **{s.column: values.get(s.column) for s in sess_specs}})
     fixed = fixed_columns()
     part_cols = ["participant_id", "cohort", "release"] + [s.column for s in part_specs]
     _write_tsv([participants[k] for k in sorted(participants)], part_cols, output / "participants.tsv")
     _write_json({**{c: fixed[c] for c in ("participant_id", "cohort", "release")}, **column_sidecar(part_specs)},
                 output / "participants.json")
-    sess_cols = ["session_id", "source_id"] + [s.column for s in sess_specs]
+    scan_cols = ["session_id", "source_id"] + (["part"] if any(scan.part for scan in scans) else [])
+    sess_cols = scan_cols + [s.column for s in sess_specs]
     for subject, rows in sessions.items():
         _write_tsv(sorted(rows, key=lambda r: r["session_id"]), sess_cols, output / naming.sessions_table(subject))
-    _write_json({**{c: fixed[c] for c in ("session_id", "source_id")}, **column_sidecar(sess_specs)},
+    _write_json({**{c: fixed[c] for c in scan_cols}, **column_sidecar(sess_specs)},
                 output / "sessions.json")
 
 
@@ -177,7 +185,7 @@ def convert(source: os.PathLike | str, output: os.PathLike | str, *, metadata: o
         rows.append({"scan": key, "participant_id": "", "session_id": "", "status": "no_scan",
                      "reason": "metadata row without a scan folder", "n_lesions": "", "lesion_volumes_mm3": "",
                      "primary_override": "", "checks": ""})
-    written = {r["scan"] for r in rows if r["status"] in ("converted", "masks_withheld")}
+    written = {r["scan"] for r in rows if r["status"] in WRITTEN_STATUSES}
     _dataset_files(output, flavour, meta)
     _tables(output, scans, written, meta, flavour)
     report = pd.DataFrame(rows, columns=REPORT_COLUMNS)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from .. import __version__, io, naming
 from ..executor import Skip
@@ -21,6 +22,16 @@ from .discover import SourceScan
 
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
 MASK_PREFERENCE = ("nii.gz", "nii", "voi")
+MAX_LABEL = 255   # label images are uint8
+# (union mask, dseg) sidecar descriptions: per-lesion release files (R1.1) or one merged mask (R2.0)
+MASK_DESCRIPTIONS = {
+    False: ("Union of the release's smoothed lesion masks (hand tracings smoothed with a 2 mm FWHM Gaussian, "
+            "thresholded at 0.5)",
+            "Lesion identity: 1 = primary lesion, 2.. = secondary lesions in release order (largest to smallest)"),
+    True: ("The release's lesion mask (one mask per scan, all lesions merged), binarised with > 0",
+           "Lesion identity DERIVED from the release's merged mask, not given by the release: the 26-connected "
+           "components, 1 = the largest (taken as primary), 2.. in decreasing size"),
+}
 DSEG_COLUMNS = {
     "volume_mm3": {"Description": "Lesion volume in the T1w's native space", "Units": "mm^3"},
     "source_file": {"Description": "Release file the label was decoded from (relative to the release root)"},
@@ -79,7 +90,7 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
     masks, sources = {}, {}
     for index in sorted(files):
         exts = files[index]
-        label = f"Lesion{kind}" + (f"_{index}" if index else "")
+        label = "T1lesion_mask" if kind == "merged" else f"Lesion{kind}" + (f"_{index}" if index else "")
         ext = next(e for e in MASK_PREFERENCE if e in exts)
         try:
             mask, values, img = io.read_mask_values(exts[ext])
@@ -126,6 +137,23 @@ def _dseg(masks: dict[int, np.ndarray], checks: list[str], kind: str) -> np.ndar
             checks.append(f"overlap: {kind} lesion {label} overlaps lesion(s) {others} in {overlap} voxels")
         flat[where[current == 0]] = label
     return out
+
+
+def _components(mask: np.ndarray, checks: list[str]) -> dict[int, np.ndarray]:
+    """Lesions of a merged mask (R2.0 ships all of a scan's lesions in one file): its 26-connected components
+    (voxels touching by a face, edge or corner are one lesion, as in the lesion-wise metrics), largest first,
+    so index 0 ("primary") is the largest component by definition, not a designation read from the release.
+    Equal sizes keep the order of their first voxel (C order). Components beyond the 255th (the label image
+    is uint8) share the last label, with a check."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    order: list = (np.argsort(-sizes, kind="stable") + 1).tolist()
+    if count > MAX_LABEL:
+        checks.append(f"dseg_capped: {count} connected components; the {count - MAX_LABEL + 1} smallest share "
+                      f"label {MAX_LABEL}")
+        order = order[:MAX_LABEL - 1] + [order[MAX_LABEL - 1:]]
+    return {index: np.isin(labels, group) if isinstance(group, list) else labels == group
+            for index, group in enumerate(order)}
 
 
 def _save_label(data: np.ndarray, t1: nib.Nifti1Image, path: Path) -> None:
@@ -188,17 +216,21 @@ def convert_scan(job: ScanJob) -> dict:
         "ReleaseFile": rel(scan.t1),
         "ReleaseScanID": scan.key,
     }
-    if scan.flavour == "standard":
+    if scan.flavour != "native":   # standard (R1.1 FCP-INDI) and atlas2 (R2.0): template-space, defaced
         t1_sidecar.update({"SkullStripped": False, "Defaced": True,
                            "Description": "Release's defaced, intensity-normalised T1w, linearly registered "
                                           f"to {TEMPLATE_SPACE} by the ATLAS team"})
     _json(t1_sidecar, output / naming.sidecar(t1_out))
     written += [t1_out, naming.sidecar(t1_out)]
 
-    smooth, smooth_src = _read_masks(scan.smooth, t1, "Smooth", checks, fatal, rel)
+    smooth, smooth_src = _read_masks(scan.smooth, t1, "merged" if scan.merged_mask else "Smooth", checks, fatal, rel)
     raw, raw_src = _read_masks(scan.raw, t1, "Raw", checks, fatal, rel)
-    if not scan.smooth:
-        fatal.append("no_lesion_mask: the scan folder holds no LesionSmooth mask")
+    if scan.merged_mask and smooth:
+        smooth = _components(smooth[0], checks)
+        smooth_src = {index: smooth_src[0] for index in smooth}
+    if not scan.smooth and scan.mask_expected:
+        fatal.append("no_lesion_mask: the scan folder holds no " + ("lesion mask" if scan.merged_mask
+                                                                    else "LesionSmooth mask"))
     if scan.raw and set(scan.raw) != set(scan.smooth):
         checks.append(f"raw_smooth_mismatch: raw tracings {sorted(scan.raw)} vs smoothed masks {sorted(scan.smooth)}")
     voxel_mm3 = io.voxel_volume(t1)
@@ -210,21 +242,22 @@ def convert_scan(job: ScanJob) -> dict:
             checks.append("secondary_order: secondary lesions are not ordered largest to smallest")
         override = volumes[0] < volumes[1]
 
-    if not fatal:
+    if not fatal and smooth:
         t1_uri = _bids_uri(t1_out) if scan.flavour == "native" else f"bids::{t1_out.relative_to(naming.LESION_DERIVATIVE).as_posix()}"
         dseg = _dseg(smooth, checks, "smoothed")
         space_note = "native (scanner) space of the T1w" if scan.flavour == "native" else TEMPLATE_SPACE
         common = {"Sources": [t1_uri], "SpatialReference": space_note if scan.flavour == "native" else None}
         common = {k: v for k, v in common.items() if v is not None}
         _save_label(dseg > 0, t1, output / outputs["mask"])
-        _json({**common, "Type": "Lesion", "Description": "Union of the release's smoothed lesion masks "
-               "(hand tracings smoothed with a 2 mm FWHM Gaussian, thresholded at 0.5)",
-               "ReleaseFiles": [smooth_src[i] for i in sorted(smooth_src)]},
+        mask_text, dseg_text = MASK_DESCRIPTIONS[scan.merged_mask]
+        release_files = list(dict.fromkeys(smooth_src[i] for i in sorted(smooth_src)))
+        _json({**common, "Type": "Lesion", "Description": mask_text, "ReleaseFiles": release_files},
               output / naming.sidecar(outputs["mask"]))
         _save_label(dseg, t1, output / outputs["dseg"])
-        _json({**common, **DSEG_COLUMNS, "Description": "Lesion identity: 1 = primary lesion, 2.. = secondary "
-               "lesions in release order (largest to smallest)", "ReleaseFiles": [smooth_src[i] for i in sorted(smooth_src)],
-               "PrimaryIsLargest": not override},
+        _json({**common, **DSEG_COLUMNS, "Description": dseg_text, "ReleaseFiles": release_files,
+               "PrimaryIsLargest": not override,
+               **({"LesionIdentity": "derived (26-connected components by size), not from the release"}
+                  if scan.merged_mask else {})},
               output / naming.sidecar(outputs["dseg"]))
         io.write_text(_dseg_table(smooth, smooth_src, voxel_mm3, "smooth"), output / outputs["dseg_tsv"])
         written += [outputs["mask"], naming.sidecar(outputs["mask"]), outputs["dseg"],
@@ -247,8 +280,10 @@ def convert_scan(job: ScanJob) -> dict:
         "scan": scan.key,
         "participant_id": f"sub-{scan.subject}",
         "session_id": f"ses-{scan.session}",
-        "status": "masks_withheld" if fatal else "converted",
-        "reason": "; ".join(fatal),
+        # no_mask (not a failure): no mask where the release withholds masks by design (R2.0 testing scans)
+        "status": "masks_withheld" if fatal else "converted" if smooth else "no_mask",
+        "reason": "; ".join(fatal) if fatal or smooth else
+                  f"no lesion mask: the release withholds the masks of its {scan.part or 'unlabelled'} scans",
         "n_lesions": len(smooth) if not fatal else len(scan.smooth),
         "lesion_volumes_mm3": ";".join(f"{v:.1f}" for v in volumes),
         "primary_override": override,

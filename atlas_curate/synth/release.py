@@ -1,7 +1,22 @@
-"""Write a synthetic ATLAS release (native ICPSR or standard FCP-INDI layout) and its ground truth.
+"""Write a synthetic ATLAS release (R1.1 native ICPSR, R1.1 standard FCP-INDI, or R2.0 layout) and its truth.
 
-The release folder looks like the real one (see ATLAS-FACTS.md). The truth goes to a separate folder
-(default ``<OUT>-truth``) so that no converter can read it by accident:
+The release folder looks like the real one (see ATLAS-FACTS.md). Flavours:
+
+* ``native``: scanner-space heads in posed, cohort-specific grids, MRIcron VOIs and NIfTI masks per lesion;
+* ``standard``: defaced heads already on the template grid (no pose), one NIfTI mask per lesion;
+* ``atlas2`` (R2.0): the same template-space rendering as ``standard`` (R2.0 scans are defaced and in
+  MNI152NLin2009aSym), filed as ``ATLAS_2/{Training,Testing}/R00N/sub-r00Ns00M/ses-1/anat/``, one
+  session per subject, ONE mask per scan (the union of the subject's smoothed lesion masks: R2.0 merges
+  all lesions and ships no raw tracing). Every third subject (k mod 3 = 2) is a *testing* scan: its
+  T1 is in ``Testing/`` and its mask goes only to the truth folder (``testing_masks/``), as the real
+  test masks are hidden. A ``dataset_description.json`` is written per cohort folder; ``ATLAS_2/``
+  also holds the metadata spreadsheet ``20220425_ATLAS_2.0_MetaData.xlsx`` (``Subject ID``, the five
+  ``# Lesions …`` columns, and ``Scanner``, a column name invented here: only the ``Subject ID`` and
+  ``# Lesions`` names are known from public code) and the template ``MNI152NLin2009aSym.nii.gz`` (the
+  nilearn file, copied). Lesion counts of testing rows are blank (assumed hidden with the masks). No
+  primary-override scan: R2.0 cannot express which lesion is primary.
+
+The truth goes to a separate folder (default ``<OUT>-truth``) so that no converter can read it by accident:
 
 * ``truth.json``: per scan the true native-world -> template-world affine (4x4, RAS mm), the grid,
   and per lesion (release order) volumes, hemisphere, location, territory; the injected faults;
@@ -27,7 +42,7 @@ import pandas as pd
 
 from .. import io, naming
 from ..executor import run_map, summarize
-from ..ids import IndiScanId, ScanId
+from ..ids import Atlas2ScanId, IndiScanId, ScanId
 from ..templates import get_template
 from .head import head_model
 from .render import COHORTS, Cohort, describe_lesions, make_subject, native_grid, random_pose, render, \
@@ -35,7 +50,7 @@ from .render import COHORTS, Cohort, describe_lesions, make_subject, native_grid
 
 log = logging.getLogger(__name__)
 
-FLAVOURS = ("native", "standard")
+FLAVOURS = ("native", "standard", "atlas2")
 FAULT_KINDS = ("truncated_gzip", "mask_grid", "empty_mask", "folder_without_row", "row_without_folder")
 STROKE_TYPES = ("Ischemic", "Embolic", "Hemorrhagic")
 NOTES = ("", "", "", "Motion artefact in posterior slices", "Chronic infarct with encephalomalacia",
@@ -53,11 +68,14 @@ class ScanPlan:
     n_lesions: int
     override: bool
     fault: str = ""
+    part: str = ""          # atlas2 only: training | testing
 
     @property
-    def scan_id(self) -> ScanId | IndiScanId:
+    def scan_id(self) -> ScanId | IndiScanId | Atlas2ScanId:
         if self.flavour == "native":
             return ScanId(self.cohort, self.subject_number, self.timepoint)
+        if self.flavour == "atlas2":
+            return Atlas2ScanId(self.cohort, self.subject_number, self.timepoint)
         return IndiScanId(self.cohort, self.subject_number, self.timepoint)
 
     @property
@@ -69,9 +87,17 @@ def _indi_number(index: int) -> int:
     return 31000 + 137 * index
 
 
+def _subject_number(flavour: str, index: int) -> int:
+    if flavour == "standard":
+        return _indi_number(index)
+    return index // len(COHORTS) + 1
+
+
 def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool = False) -> list[ScanPlan]:
-    """Which scans the release holds. Subject k goes to cohort k mod 4; every third subject has a
-    second time point; subject 1 carries the primary-is-not-largest override."""
+    """Which scans the release holds. Subject k goes to cohort k mod 4; in R1.1 flavours every third
+    subject has a second time point and subject 1 carries the primary-is-not-largest override; in
+    ``atlas2`` every subject has one session and every third subject (k mod 3 = 2) is a testing scan.
+    Fault scans (``faults``) are training scans."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}")
     if subjects < 1:
@@ -80,19 +106,24 @@ def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool
     for k in range(subjects):
         rng = np.random.default_rng([seed, k, 99])
         n = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.2, 0.15, 0.1]))
-        override = k == 1 or (subjects == 1 and k == 0)
+        override = flavour != "atlas2" and (k == 1 or (subjects == 1 and k == 0))
         if override:
             n = max(n, 2)
         cohort = COHORTS[k % len(COHORTS)].number
-        number = k // len(COHORTS) + 1 if flavour == "native" else _indi_number(k)
+        number = _subject_number(flavour, k)
+        if flavour == "atlas2":
+            part = "testing" if k % 3 == 2 else "training"
+            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, n, False, part=part))
+            continue
         timepoints = (1, 2) if k % 3 == 2 else (1,)
         plans += [ScanPlan(flavour, seed, k, cohort, number, t, n, override) for t in timepoints]
     if faults:
         for j, kind in enumerate(FAULT_KINDS):
             k = 9000 + j + 1
             cohort = COHORTS[j % len(COHORTS)].number
-            number = k if flavour == "native" else 999000 + j + 1
-            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, 1, False, kind))
+            number = {"native": k, "standard": 999000 + j + 1, "atlas2": 990 + j + 1}[flavour]
+            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, 1, False, kind,
+                                  part="training" if flavour == "atlas2" else ""))
     return plans
 
 
@@ -121,6 +152,29 @@ def _release_order(volumes: list[float], override: bool) -> list[int]:
     if override:
         return [0, *sorted(range(1, len(volumes)), key=lambda i: -volumes[i])]
     return sorted(range(len(volumes)), key=lambda i: -volumes[i])
+
+
+def _write_atlas2(plan: ScanPlan, data: np.ndarray, affine: np.ndarray, smooths: list[np.ndarray], out_dir: Path,
+                  truth_dir: Path) -> Path:
+    """An R2.0 scan: the T1 and ONE mask, the union of the lesions (R2.0 merges them). A testing scan's
+    mask goes to the truth folder only. Returns the T1's path."""
+    scan = plan.scan_id
+    t1_path = out_dir / naming.atlas2_t1(scan, plan.part)
+    _save(data, affine, t1_path, code=4)
+    union = np.logical_or.reduce(smooths) if smooths else np.zeros(data.shape, bool)
+    mask_affine = affine
+    if plan.fault == "empty_mask":
+        union = np.zeros_like(union)
+    if plan.fault == "mask_grid":
+        union = union[::2, ::2, ::2]
+        mask_affine = affine.copy()
+        mask_affine[:3, :3] *= 2
+    if plan.part == "testing":
+        target = truth_dir / "testing_masks" / naming.atlas2_mask_name(scan)
+    else:
+        target = out_dir / naming.atlas2_mask(scan, plan.part)
+    _save(union.astype(np.uint8), mask_affine, target, code=4)
+    return t1_path
 
 
 def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
@@ -169,6 +223,8 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
             _save(smooth.astype(np.uint8), mask_affine, out_dir / naming.native_mask(scan, "Smooth", index, "nii.gz"),
                   code=2)
         t1_path = out_dir / naming.native_t1(scan)
+    elif plan.flavour == "atlas2":
+        t1_path = _write_atlas2(plan, data, affine, smooths, out_dir, truth_dir)
     else:
         _save(data, affine, out_dir / naming.standard_t1(scan), code=4)
         for index, smooth in enumerate(smooths):
@@ -202,6 +258,7 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
     return {
         "scan": plan.key,
         "plan": asdict(plan),
+        "part": plan.part,
         "native_to_template_ras": np.round(pose, 8).tolist(),
         "shape": [int(s) for s in data.shape],
         "affine": np.round(affine, 6).tolist(),
@@ -218,21 +275,34 @@ def _grade(rng: np.random.Generator) -> object:
     return "" if rng.random() < 0.08 else int(rng.choice([0, 1, 2, 3], p=[0.3, 0.35, 0.2, 0.15]))
 
 
-def metadata_row(record: dict) -> dict:
-    """One spreadsheet row with the real column names, consistent with the scan's lesions."""
-    plan = record["plan"]
-    rng = np.random.default_rng([plan["seed"], plan["subject_index"], 7])
-    lesions = record["lesions"] or [{"hemisphere": "Left", "location": "subcortical", "other_site": "",
-                                     "territory": "MCA", "volume_mm3_template": 1000.0}]
-    counts = {"LH Cortical": 0, "LH subcortical": 0, "RH Cortical": 0, "RH subcortical": 0}
-    other = 0
+ORPHAN_LESION = {"hemisphere": "Left", "location": "subcortical", "other_site": "", "territory": "MCA",
+                 "volume_mm3_template": 1000.0}
+
+
+def location_counts(lesions: list[dict]) -> dict[str, int]:
+    """Lesions per hemisphere and class, as the data paper counts them: keys ``LH cortical``,
+    ``LH subcortical``, ``RH cortical``, ``RH subcortical`` and ``other`` (brainstem, cerebellum). A
+    bilateral lesion counts on the side of its centroid."""
+    counts = {"LH cortical": 0, "LH subcortical": 0, "RH cortical": 0, "RH subcortical": 0, "other": 0}
     for les in lesions:
         if les["location"] == "other":
-            other += 1
+            counts["other"] += 1
             continue
         side = "LH" if les["hemisphere"] == "Left" else "RH" if les["hemisphere"] == "Right" else \
             ("LH" if les.get("centroid_mm", [0])[0] < 0 else "RH")
-        counts[f"{side} {'Cortical' if les['location'] == 'cortical' else 'subcortical'}"] += 1
+        counts[f"{side} {'cortical' if les['location'] == 'cortical' else 'subcortical'}"] += 1
+    return counts
+
+
+def metadata_row(record: dict) -> dict:
+    """One R1.1 spreadsheet row with the real column names, consistent with the scan's lesions."""
+    plan = record["plan"]
+    rng = np.random.default_rng([plan["seed"], plan["subject_index"], 7])
+    lesions = record["lesions"] or [ORPHAN_LESION]
+    located = location_counts(lesions)
+    other = located["other"]
+    counts = {"LH Cortical": located["LH cortical"], "LH subcortical": located["LH subcortical"],
+              "RH Cortical": located["RH cortical"], "RH subcortical": located["RH subcortical"]}
     primary = lesions[0]
     location = {"cortical": "Cortical", "subcortical": "Subcortical"}.get(primary["location"]) or \
         primary["other_site"].capitalize()
@@ -253,6 +323,29 @@ def metadata_row(record: dict) -> dict:
         "DWMH": _grade(rng),
         "Notes": notes,
     })
+    return row
+
+
+ATLAS2_COUNT_COLUMNS = {
+    "LH cortical": "# Lesions LH Cortical and White Matter",
+    "LH subcortical": "# Lesions LH Subcortical",
+    "RH cortical": "# Lesions RH Cortical and White Matter",
+    "RH subcortical": "# Lesions RH Subcortical",
+    "other": "# Lesions Other Location",
+}
+ATLAS2_SCANNER_COLUMN = "Scanner"   # invented name: the real scanner column's header is not known here
+
+
+def atlas2_metadata_row(record: dict) -> dict:
+    """One R2.0 spreadsheet row: ``Subject ID`` (``r001s001``), the lesion counts (blank for a testing
+    scan, whose lesions are hidden) and the cohort's scanner."""
+    plan = record["plan"]
+    lesions = record["lesions"] or [ORPHAN_LESION]
+    counts = location_counts(lesions)
+    hidden = plan["part"] == "testing"
+    row = {"Subject ID": Atlas2ScanId(plan["cohort"], plan["subject_number"], plan["timepoint"]).subject_id}
+    row.update({column: None if hidden else counts[key] for key, column in ATLAS2_COUNT_COLUMNS.items()})
+    row[ATLAS2_SCANNER_COLUMN] = _cohort(plan["cohort"]).scanner
     return row
 
 
@@ -280,6 +373,9 @@ def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
         if record.get("fault") == "folder_without_row":
             continue
         plan = record["plan"]
+        if flavour == "atlas2":
+            rows.append(atlas2_metadata_row(record))
+            continue
         row = metadata_row(record)
         if flavour == "native":
             rows.append({"Subject ID": record["scan"], **row})
@@ -290,8 +386,9 @@ def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
             rows.append({"INDI Site ID": f"Site{plan['cohort']}", "INDI Subject ID": plan["subject_number"],
                          "Session": session, **row})
     table = pd.DataFrame(rows)
-    if flavour == "native":
-        path = out_dir / naming.NATIVE_METADATA_NAME
+    if flavour in ("native", "atlas2"):
+        path = out_dir / (naming.NATIVE_METADATA_NAME if flavour == "native"
+                          else Path(naming.ATLAS2_ROOT) / naming.ATLAS2_METADATA_NAME)
         buffer = BytesIO()
         table.to_excel(buffer, index=False, sheet_name="Sheet1", engine="openpyxl")
         io.write_bytes(_deterministic_zip(buffer.getvalue()), path)
@@ -299,6 +396,19 @@ def write_metadata(records: list[dict], out_dir: Path, flavour: str) -> Path:
         path = out_dir / naming.STANDARD_ROOT / naming.STANDARD_METADATA_NAME
         io.write_text(table.to_csv(index=False), path)
     return path
+
+
+def write_atlas2_extras(records: list[dict], out_dir: Path) -> None:
+    """R2.0's per-cohort ``dataset_description.json`` and the template at ``ATLAS_2/``."""
+    folders = sorted({(r["plan"]["part"], r["plan"]["cohort"]) for r in records
+                      if r.get("fault") != "row_without_folder"})
+    for part, cohort in folders:
+        cohort_id = f"R{cohort:03d}"
+        doc = {"Name": f"ATLAS R2.0 {naming.ATLAS2_PARTS[part]} {cohort_id} (synthetic)", "BIDSVersion": "1.6.0",
+               "DatasetType": "raw"}
+        io.write_text(json.dumps(doc, indent=2) + "\n",
+                      out_dir / naming.ATLAS2_ROOT / naming.ATLAS2_PARTS[part] / cohort_id / "dataset_description.json")
+    io.copy_file(get_template().t1w, out_dir / naming.ATLAS2_ROOT / naming.ATLAS2_TEMPLATE_NAME)
 
 
 def default_truth_dir(out: Path) -> Path:
@@ -329,6 +439,8 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
         raise RuntimeError("synthesis failed:\n" + summarize(outcomes))
     records = [o.value for o in outcomes]
     write_metadata(records, out_dir, flavour)
+    if flavour == "atlas2":
+        write_atlas2_extras(records, out_dir)
     truth_doc = {
         "generator": "atlas-curate synth",
         "flavour": flavour,
