@@ -111,6 +111,58 @@ def normalize_cmd(bids_root, template, participant_labels, jobs, executor, sched
 
 
 @main.command()
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same split.")
+@click.option("--fractions", default="0.76,0.11,0.13", show_default=True,
+              help="train,dev,test fractions (the paper's 182/26/31 scans).")
+@click.option("--folds", default=None, type=click.IntRange(2), help="K folds over train+dev for cross-validation.")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="Split file (TSV, JSON beside it); default BIDS_ROOT/derivatives/atlas-curate/split.tsv.")
+@click.option("--include-failed", is_flag=True, help="Keep scans that failed registration QC.")
+@click.option("--keep-release-division", is_flag=True,
+              help="R2.0: keep the release's training/testing division (split only the training scans).")
+def split(bids_root, seed, fractions, folds, output, include_failed, keep_release_division):
+    """Seeded train/dev/test split grouped by subject, stratified by cohort and lesion-volume quartile."""
+    from pathlib import Path
+
+    from .split import balance_table, make_split, parse_fractions, write_split
+
+    table = make_split(bids_root, seed=seed, fractions=parse_fractions(fractions), folds=folds,
+                       include_failed=include_failed, keep_release_division=keep_release_division)
+    path = Path(output) if output else Path(bids_root) / "derivatives" / "atlas-curate" / "split.tsv"
+    tsv, js = write_split(table, path)
+    click.echo(balance_table(table).to_string())
+    excluded = table[table["split"] == "excluded"]
+    for _, row in excluded.iterrows():
+        click.echo(f"  excluded {row['scan']}: {row['excluded']}")
+    click.echo(f"split: {tsv}\n       {js}")
+
+
+@main.group()
+def export():
+    """Export the curated dataset for other tools."""
+
+
+@export.command("nnunet")
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+@click.argument("splits", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dataset-id", default=501, show_default=True, type=click.IntRange(1, 999))
+@click.option("--name", default="ATLAS", show_default=True)
+@click.option("--copy", "copy_files", is_flag=True, help="Copy files instead of hard-linking them.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1))
+def export_nnunet(bids_root, splits, out, dataset_id, name, copy_files, overwrite, jobs):
+    """nnU-Net v2 raw dataset (imagesTr/labelsTr/imagesTs, dataset.json, splits_final.json) from a split."""
+    from .export import export_nnunet as run_export
+
+    path = run_export(bids_root, splits, out, dataset_id=dataset_id, name=name, overwrite=overwrite,
+                      link=not copy_files, jobs=jobs)
+    click.echo(f"nnU-Net dataset: {path}")
+    click.echo(f"copy {path / 'splits_final.json'} to $nnUNet_preprocessed/{path.name}/ to train on these folds")
+
+
+@main.command()
 @click.argument("masks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per pair) instead of a table.")
 def agreement(masks, as_json):

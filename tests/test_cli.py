@@ -98,3 +98,18 @@ def test_agreement_command_table_json_and_grid_error(tmp_path):
     assert pair["dsc"] == 0.6 and pair["hd"] == 2.0  # 5-voxel cubes shifted by 2: 2*75/250
     result = runner.invoke(main, ["agreement", str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz")])
     assert result.exit_code != 0 and "c.nii.gz" in str(result.exception)
+
+
+def test_split_and_export_commands(standard_release, tmp_path):
+    from atlas_curate.convert import convert
+
+    bids = tmp_path / "bids"
+    convert(standard_release.root, bids, progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["split", str(bids), "--seed", "3", "--output", str(tmp_path / "s.tsv")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.tsv").is_file() and (tmp_path / "s.json").is_file()
+    assert "train" in result.output and "excluded" in result.output  # balance table and the withheld-mask scans
+    result = runner.invoke(main, ["export", "nnunet", str(bids), str(tmp_path / "s.tsv"), str(tmp_path / "nn")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "nn" / "Dataset501_ATLAS" / "dataset.json").is_file()
