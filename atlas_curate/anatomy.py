@@ -97,15 +97,23 @@ def classify_lesion(mask: np.ndarray, key: str = "mni2009") -> LesionAnatomy:
     anat = template_anatomy(key)
     if mask.shape != anat.brain.shape:
         raise ValueError(f"mask shape {mask.shape} is not the template grid {anat.brain.shape}")
-    idx = np.argwhere(mask)
+    return classify_voxels(np.argwhere(mask), key)
+
+
+def classify_voxels(idx: np.ndarray, key: str = "mni2009") -> LesionAnatomy:
+    """Describe one lesion given as its (n, 3) voxel indices on the template grid (the same rules as
+    :func:`classify_lesion`, without a full-grid mask: cheap when a label image holds many lesions)."""
+    anat = template_anatomy(key)
+    idx = np.asarray(idx)
     if idx.size == 0:
         raise ValueError("empty lesion mask")
     world = idx @ anat.affine[:3, :3].T + anat.affine[:3, 3]
     n = len(idx)
     centroid = world.mean(axis=0)
     left = np.count_nonzero(world[:, 0] < 0) / n
-    in_infra = np.count_nonzero(anat.infratentorial[mask]) / n
-    in_cortex = int(np.count_nonzero(anat.cortex[mask]))
+    where = tuple(idx.T)
+    in_infra = np.count_nonzero(anat.infratentorial[where]) / n
+    in_cortex = int(np.count_nonzero(anat.cortex[where]))
     other_site = ""
     if in_infra >= 0.5:
         location = "other"

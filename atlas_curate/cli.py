@@ -110,6 +110,27 @@ def normalize_cmd(bids_root, template, participant_labels, jobs, executor, sched
         sys.exit(1)
 
 
+@main.command("overlap-map")
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default BIDS_ROOT/derivatives/atlas-curate/overlap).")
+@click.option("--lesions", default="all", show_default=True, type=click.Choice(["primary", "all"]),
+              help="primary: label 1 of the dseg only; all: the union of every lesion.")
+@click.option("--where", "where_expr", default=None, metavar="EXPR",
+              help="Filter on participants/sessions columns, e.g. \"fazekas_pvh >= 2\".")
+@click.option("--include-failed", is_flag=True, help="Keep scans that failed registration QC.")
+@click.option("--per-subject", default="first", show_default=True, type=click.Choice(["first", "all"]),
+              help="first: one scan per subject (its first session); all: every session.")
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+def overlap_map(bids_root, output, lesions, where_expr, include_failed, per_subject, jobs):
+    """Probabilistic lesion overlap map, figures, dataset tables and per-lesion report."""
+    from .overlap import overlap_map as run_overlap, summary
+
+    result = run_overlap(bids_root, output=output, lesions=lesions, where=where_expr, include_failed=include_failed,
+                         per_subject=per_subject, jobs=jobs)
+    click.echo(summary(result))
+
+
 @main.command()
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same split.")

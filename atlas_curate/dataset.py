@@ -169,9 +169,16 @@ def where(table: pd.DataFrame, expression: str | None) -> pd.DataFrame:
         raise ValueError(f"--where {expression!r}: {exc}") from None
 
 
+def session_order(label: str) -> tuple:
+    """Sort key for session labels in natural order (``ses-2`` before ``ses-10``, ``ses-t01`` before ``ses-t02``)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
+
+
 def first_sessions(table: pd.DataFrame) -> pd.DataFrame:
-    """One scan per subject: its first session in sorted order."""
-    return table.sort_values(["participant_id", "session_id"]).groupby("participant_id", sort=False).head(1)
+    """One scan per subject: its first session in natural order (see :func:`session_order`)."""
+    order = sorted(range(len(table)), key=lambda i: (table["participant_id"].iloc[i],
+                                                     session_order(table["session_id"].iloc[i])))
+    return table.iloc[order].groupby("participant_id", sort=False).head(1)
 
 
 def lesion_volume_mm3(path: str | None) -> float:

@@ -22,6 +22,8 @@ from isal import igzip, igzip_lib
 
 
 GRID_TOLERANCE_MM = 1e-3
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 GZIP_LEVEL = 1  # ISA-L level 1: ~9x faster than zlib level 1 on noisy float T1s, smaller files on masks
 
 
@@ -125,6 +127,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -113,3 +113,19 @@ def test_split_and_export_commands(standard_release, tmp_path):
     result = runner.invoke(main, ["export", "nnunet", str(bids), str(tmp_path / "s.tsv"), str(tmp_path / "nn")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "nn" / "Dataset501_ATLAS" / "dataset.json").is_file()
+
+
+def test_overlap_map_command_and_where_error(standard_release, tmp_path):
+    from atlas_curate.convert import convert
+
+    bids = tmp_path / "bids"
+    convert(standard_release.root, bids, progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["overlap-map", str(bids)])
+    assert result.exit_code == 0, result.output
+    out = bids / "derivatives" / "atlas-curate" / "overlap"
+    assert (out / "overlap_prob.nii.gz").is_file() and (out / "lesions.tsv").is_file()
+    assert "overlap" in result.output
+    result = runner.invoke(main, ["overlap-map", str(bids), "--where", "no_such_column > 1"])
+    assert result.exit_code != 0
+    assert "no_such_column" in str(result.exception) or "no_such_column" in result.output

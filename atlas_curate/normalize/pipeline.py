@@ -233,7 +233,7 @@ def _dataset_description(out: Path) -> None:
           out / "dataset_description.json")
     io.write_text("atlas-curate normalize outputs: template-space T1w, lesion masks, transforms, qc.tsv, report.html\n",
                   out / "README")
-    io.write_text("qc.tsv\nreport.html\n**/figures/\n", out / ".bidsignore")
+    io.write_text("qc.tsv\nreport.html\n**/figures\noverlap\nsplit.tsv\nsplit.json\n", out / ".bidsignore")
 
 
 @dataclass
