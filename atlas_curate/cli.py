@@ -209,11 +209,15 @@ def agreement(masks, as_json):
 @click.option("--subjects", default=10, show_default=True, type=click.IntRange(1, 200))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--jobs", "-j", default=2, show_default=True, type=click.IntRange(1))
-def demo(out, subjects, seed, jobs):
-    """Build a small synthetic release in OUT and run every stage on it."""
+@click.option("--flavour", default="native", show_default=True, type=click.Choice(["native", "atlas2"]),
+              help="native: an R1.1 ICPSR release (registration included); atlas2: an R2.0 release.")
+@click.option("--no-train", is_flag=True, help="Stop after split (no training, evaluation or prediction).")
+def demo(out, subjects, seed, jobs, flavour, no_train):
+    """Build a small synthetic release in OUT and run every stage on it (synth, bids-convert, normalize,
+    overlap-map, split, train-baseline --preset quick, evaluate, predict); prints where each output is."""
     from .demo import run_demo
 
-    run_demo(out, subjects=subjects, seed=seed, jobs=jobs)
+    run_demo(out, subjects=subjects, seed=seed, jobs=jobs, flavour=flavour, train=not no_train)
 
 
 def run() -> None:

@@ -129,3 +129,14 @@ def test_overlap_map_command_and_where_error(standard_release, tmp_path):
     result = runner.invoke(main, ["overlap-map", str(bids), "--where", "no_such_column > 1"])
     assert result.exit_code != 0
     assert "no_such_column" in str(result.exception) or "no_such_column" in result.output
+
+
+@pytest.mark.slow
+def test_demo_atlas2_without_training(tmp_path):
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "demo"), "--flavour", "atlas2", "--subjects", "5",
+                                       "--no-train"])
+    assert result.exit_code == 0, result.output
+    for stage in ("synth", "bids-convert", "normalize", "overlap-map", "split"):
+        assert f"[demo] {stage}" in result.output
+    assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "overlap" / "overlap_prob.nii.gz").is_file()
+    assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "split.tsv").is_file()
