@@ -26,7 +26,7 @@ install: $(VENV)/.all-installed
 demo: $(VENV)/.all-installed
 	$(BIN)/atlas-curate demo $(DEMO_OUT)
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.all-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
