@@ -183,6 +183,62 @@ def export_nnunet(bids_root, splits, out, dataset_id, name, copy_files, overwrit
     click.echo(f"copy {path / 'splits_final.json'} to $nnUNet_preprocessed/{path.name}/ to train on these folds")
 
 
+@main.command("train-baseline")
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--splits", required=True, type=click.Path(exists=True, dir_okay=False), help="Split TSV from `split`.")
+@click.option("--output", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--preset", default="quick", show_default=True, type=click.Choice(["paper", "quick"]),
+              help="paper: Tomita et al. 2020 schedule at 1 mm; quick: CPU-friendly 2 mm schedule.")
+@click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file overriding preset fields.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--fold", default=None, type=int, help="Train on this fold of a k-fold split.")
+def train_baseline(bids_root, splits, run_dir, preset, config_file, device, resume, fold):
+    """Train the 3D residual U-Net baseline (Tomita et al. 2020) on the split's train scans."""
+    from .train import train
+
+    result = train(bids_root, splits, run_dir, preset=preset, config=config_file, device=device, resume=resume,
+                   fold=fold)
+    click.echo(f"trained on {result.n_train} scans ({result.device}, {result.seconds:.0f} s); "
+               f"last dev Dice {result.dev_dice:.3f}")
+    click.echo(f"run folder: {result.run_dir} (config.toml, log.tsv, model.pt, checkpoints/)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "split_name", default="test", show_default=True, help="Which split to score.")
+@click.option("--ensemble", is_flag=True, help="Snapshot ensemble (mean of the zoom-out snapshots).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Workers for the metrics.")
+def evaluate(run_dir, split_name, ensemble, device, jobs):
+    """Segment and score a split: DSC, HD, HD95, ASSD, TPR, precision, challenge metrics, bootstrap CIs."""
+    from .evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(run_dir, split=split_name, ensemble=ensemble, device=device, jobs=jobs)
+    click.echo(result.text())
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("t1s", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--native", is_flag=True, help="Inputs are native-space heads: normalise, segment, map back.")
+@click.option("--ensemble", is_flag=True, help="Snapshot ensemble.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+def predict(run_dir, t1s, output, native, ensemble, device):
+    """Segment T1w images with a trained run; one mask (and probabilities) per input."""
+    from .predict import predict as run_predict
+
+    result = run_predict(run_dir, list(t1s), output, native=native, ensemble=ensemble, device=device)
+    for _, row in result.table.iterrows():
+        click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items() if k in ("input", "status", "mask", "error")
+                                    and isinstance(v, str) and v))
+    click.echo(f"predictions: {result.output}")
+    if result.n_failed:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("masks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per pair) instead of a table.")

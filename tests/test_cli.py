@@ -140,3 +140,12 @@ def test_demo_atlas2_without_training(tmp_path):
         assert f"[demo] {stage}" in result.output
     assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "overlap" / "overlap_prob.nii.gz").is_file()
     assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "split.tsv").is_file()
+
+
+def test_training_commands_are_wired():
+    runner = CliRunner()
+    for command in ("train-baseline", "evaluate", "predict", "split", "overlap-map", "agreement"):
+        result = runner.invoke(main, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+    result = runner.invoke(main, ["train-baseline", "--help"])
+    assert "--preset" in result.output and "--resume" in result.output
