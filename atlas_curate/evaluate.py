@@ -152,11 +152,20 @@ def group_table(scans: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _one_two_five(value: float, _position=None) -> str:
+    """Minor tick labels of a log axis at 2 and 5 times a power of ten (plain numbers, no exponents)."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** np.floor(np.log10(value)))
+    return f"{value:g}" if leading in (2, 5) else ""
+
+
 def dsc_volume_figure(scans: pd.DataFrame, path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     shown = scans[scans["volume_truth_mm3"] > 0]
     empty = scans[~(scans["volume_truth_mm3"] > 0)]
@@ -164,6 +173,8 @@ def dsc_volume_figure(scans: pd.DataFrame, path: Path, title: str) -> Path:
     for quartile, group in shown.groupby("size_quartile"):
         ax.scatter(group["volume_truth_mm3"] / 1000.0, group["dsc"], s=22, label=str(quartile), alpha=0.85)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(_one_two_five))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("manual lesion volume (cm³, log scale)")
     ax.set_ylabel("DSC")

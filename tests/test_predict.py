@@ -121,5 +121,6 @@ def test_native_input_returns_to_its_own_grid(run, tmp_path, monkeypatch):
     predicted, source = nib.load(out), nib.load(t1)
     assert predicted.shape == source.shape and np.allclose(predicted.affine, source.affine, atol=1e-4)
     reference = np.asarray(nib.load(native_mask).dataobj) > 0
-    assert _dice(np.asarray(predicted.dataobj) > 0, reference) > 0.75
+    dice = _dice(np.asarray(predicted.dataobj) > 0, reference)
+    assert dice > 0.85, dice            # 0.96 measured: registration error and nearest neighbour both ways
     shutil.rmtree(tmp_path / "release")
