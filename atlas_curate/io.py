@@ -148,6 +148,15 @@ def save_nifti(img: nib.Nifti1Image, path: os.PathLike | str) -> Path:
     return write_bytes(gzip_bytes(data) if name.endswith(".gz") else data, path)
 
 
+def save_array(data: np.ndarray, affine: np.ndarray, path: os.PathLike | str, dtype, *, xform_code: int = 2) -> Path:
+    """Save an array with ``affine`` as both sform and qform (``xform_code``: 2 aligned, 4 MNI), units mm."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.set_sform(affine, code=xform_code)
+    img.set_qform(affine, code=xform_code)
+    img.header.set_xyzt_units("mm", "sec")
+    return save_nifti(img, path)
+
+
 def write_bytes(data: bytes, path: os.PathLike | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -100,16 +100,6 @@ def standardise(image: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(image / peak * WM_TARGET, 0, None).astype(np.float32), peak
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    img.set_sform(affine, code=2)
-    img.set_qform(affine, code=2)
-    img.header.set_xyzt_units("mm", "sec")
-    io.save_nifti(img, path)
-
-
 def _on_template(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, float]:
     from .train.data import nib_template
 
@@ -206,8 +196,8 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
             img = io.load_nifti(t1)
             mask, prob, peak = (_native if native else _on_template)(img, t1, segmenter)
             paths = {k: output / v for k, v in name.items()}
-            _save(mask, img.affine, paths["mask"], np.uint8)
-            _save(prob, img.affine, paths["probseg"], np.float32)
+            io.save_array(mask, img.affine, paths["mask"], np.uint8)
+            io.save_array(prob, img.affine, paths["probseg"], np.float32)
             for kind, path in paths.items():
                 _sidecar(path, t1, run_dir, segmenter, native, kind)
             any_bids = any_bids or len(name["mask"].parts) > 1

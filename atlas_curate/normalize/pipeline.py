@@ -111,11 +111,7 @@ def wm_peak(values: np.ndarray) -> float:
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    img.set_sform(affine, code=4)
-    img.set_qform(affine, code=4)
-    img.header.set_xyzt_units("mm", "sec")
-    io.save_nifti(img, path)
+    io.save_array(data, affine, path, dtype, xform_code=4)
 
 
 def _json(doc: dict, path: Path) -> None:
