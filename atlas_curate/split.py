@@ -478,7 +478,7 @@ def load_split(path: os.PathLike | str, bids_root: os.PathLike | str | None = No
     if unknown:
         raise io.InputError(tsv, f"unknown split values {unknown}")
     table = table.reindex(columns=COLUMNS)
-    table["excluded"] = table["excluded"].fillna("")
+    table["excluded"] = table["excluded"].astype(object).fillna("")
     for column in ("fold", "volume_quartile"):
         try:
             table[column] = pd.to_numeric(table[column]).astype("Int64")
