@@ -61,7 +61,9 @@ SYN_FLOW_SIGMA = 6            # voxels of the 4 mm grid (24 mm: the scale of ana
 
 def to_ants(img: nib.Nifti1Image, dtype=np.float32) -> ants.ANTsImage:
     data = np.asarray(img.dataobj, dtype=dtype)
-    return ants.from_nibabel_nifti(nib.Nifti1Image(data, img.affine))
+    out = nib.Nifti1Image(data, img.affine)
+    out.header.set_xyzt_units("mm", "sec")  # world units are mm; unset units make antspy print a warning
+    return ants.from_nibabel_nifti(out)
 
 
 def from_ants(img: ants.ANTsImage) -> nib.Nifti1Image:
