@@ -88,8 +88,9 @@ def run_demo(out: os.PathLike | str, *, subjects: int = 10, seed: int = 0, jobs:
 
     start = time.perf_counter()
     run_dir = out / "run-quick"
+    # the one long stage (minutes on a CPU): show its progress bar with the ETA
     trained = train_baseline(bids, split_tsv, run_dir, preset="quick", resume=(run_dir / "config.toml").is_file(),
-                             progress=False)
+                             progress=True)
     stage("train-baseline", run_dir, start)
     click.echo(f"[demo] training log   -> {run_dir / 'log.tsv'} (last dev Dice {trained.dev_dice:.3f})")
 
