@@ -85,19 +85,11 @@ def output_names(t1: os.PathLike | str, *, native: bool) -> dict[str, Path]:
 
 
 def standardise(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """``normalize``'s intensity scale: white-matter peak inside the template brain → 100, negatives → 0."""
-    from .normalize.pipeline import WM_TARGET, wm_peak
+    """``normalize``'s intensity scale (white-matter peak inside the template brain → 100, negatives → 0)."""
+    from .normalize.pipeline import standardise as scale
     from .templates import template_arrays
 
-    brain = template_arrays()["T1w"] > 0
-    image = np.asarray(image, dtype=np.float32)
-    values = image[brain & (image > 0)]
-    if values.size == 0:
-        raise ValueError("no positive intensities inside the template brain")
-    peak = wm_peak(values)
-    if not peak > 0:
-        raise ValueError("white-matter peak is not positive")
-    return np.clip(image / peak * WM_TARGET, 0, None).astype(np.float32), peak
+    return scale(image, template_arrays()["T1w"] > 0)
 
 
 def _on_template(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, float]:

@@ -110,6 +110,20 @@ def wm_peak(values: np.ndarray) -> float:
     return float((edges[i] + edges[i + 1]) / 2)
 
 
+def standardise(image: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float]:
+    """The intensity scale of normalize's outputs: the white-matter peak (:func:`wm_peak`) of the positive
+    voxels in ``keep`` (template brain, lesion excluded) → ``WM_TARGET``, negatives → 0. Returns the
+    standardised float32 image and the peak."""
+    image = np.asarray(image, dtype=np.float32)
+    values = image[keep & (image > 0)]
+    if values.size == 0:
+        raise ValueError("no positive intensities inside the template brain")
+    peak = wm_peak(values)
+    if not peak > 0:
+        raise ValueError("white-matter peak is not positive")
+    return np.clip(image / peak * WM_TARGET, 0, None).astype(np.float32), peak
+
+
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
     io.save_array(data, affine, path, dtype, xform_code=4)
 
@@ -165,8 +179,7 @@ def normalize_scan(job: NormJob) -> dict:
         if lesion_img is not None:
             lesion = warp(lesion_img, "nearestNeighbor") > 0.5
         keep = brain & (~lesion if lesion is not None else True)
-        peak = wm_peak(moved[keep & (moved > 0)])
-        standard = np.clip(moved / peak * WM_TARGET, 0, None).astype(np.float32)
+        standard, peak = standardise(moved, keep)
         defaced = deface(standard) if job.deface else standard
 
         _save(defaced, tpl.affine, root / outputs["t1"], np.float32)

@@ -196,9 +196,10 @@ def ants_affine_to_ras(path: str) -> np.ndarray:
     return np.linalg.inv(template_to_native)
 
 
-def _register(fixed, moving, *, initial, fixed_mask=None, moving_mask=None, shrink=(2, 1), iterations=(200, 100),
-              outprefix: str, step: float = 0.1, sampling: float = 0.25, metric: str | None = None) -> dict:
-    """One affine antsRegistration stage (``METRIC``, seeded regular sampling, optional masks)."""
+def _ants_registration(fixed, moving, *, initial: str | None, fixed_mask, moving_mask, stage,
+                       outprefix: str) -> None:
+    """Run antsRegistration (float, seeded, collapsed output) with one stage, whose ``--metric``,
+    ``--transform``, ... arguments ``stage(fixed_str, moving_str)`` returns; masks may be ``None``."""
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
     fixed = fixed.clone("float")
@@ -211,14 +212,8 @@ def _register(fixed, moving, *, initial, fixed_mask=None, moving_mask=None, shri
     args = [
         "--dimensionality", "3", "--float", "1",
         "--initial-moving-transform", init,
-        "--metric", (f"GC[{fixed_str},{moving_str},1,1,Regular,{sampling}]" if (metric or METRIC) == "GC" else
-                     f"Mattes[{fixed_str},{moving_str},1,32,Regular,{sampling}]"),
-        "--transform", "Affine[%s]" % step,
-        "--convergence", "[%s,1e-7,10]" % "x".join(str(i) for i in iterations),
-        "--shrink-factors", "x".join(str(s) for s in shrink),
-        "--smoothing-sigmas", "x".join(str(max(s - 1, 0)) for s in shrink) + "vox",
+        *stage(fixed_str, moving_str),
         "--masks", masks,
-        "--winsorize-image-intensities", "[0.005,0.995]",
         "--use-histogram-matching", "0",
         "--random-seed", str(SEED),
         "-z", "1",
@@ -227,6 +222,25 @@ def _register(fixed, moving, *, initial, fixed_mask=None, moving_mask=None, shri
     code = get_lib_fn("antsRegistration")(process_arguments(args))
     if code != 0:
         raise RuntimeError(f"antsRegistration failed with code {code}")
+
+
+def _register(fixed, moving, *, initial, fixed_mask=None, moving_mask=None, shrink=(2, 1), iterations=(200, 100),
+              outprefix: str, step: float = 0.1, sampling: float = 0.25, metric: str | None = None) -> dict:
+    """One affine antsRegistration stage (``METRIC``, seeded regular sampling, optional masks)."""
+
+    def stage(fixed_str: str, moving_str: str) -> list[str]:
+        return [
+            "--metric", (f"GC[{fixed_str},{moving_str},1,1,Regular,{sampling}]" if (metric or METRIC) == "GC" else
+                         f"Mattes[{fixed_str},{moving_str},1,32,Regular,{sampling}]"),
+            "--transform", "Affine[%s]" % step,
+            "--convergence", "[%s,1e-7,10]" % "x".join(str(i) for i in iterations),
+            "--shrink-factors", "x".join(str(s) for s in shrink),
+            "--smoothing-sigmas", "x".join(str(max(s - 1, 0)) for s in shrink) + "vox",
+            "--winsorize-image-intensities", "[0.005,0.995]",
+        ]
+
+    _ants_registration(fixed, moving, initial=initial, fixed_mask=fixed_mask, moving_mask=moving_mask, stage=stage,
+                       outprefix=outprefix)
     path = outprefix + "0GenericAffine.mat"
     if not os.path.isfile(path):
         raise RuntimeError(f"antsRegistration wrote no transform to {path}")
@@ -237,34 +251,23 @@ def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix:
     """Coarse SyN on top of ``initial``; returns the 4x4 least-squares affine (template LPS -> template LPS)
     of ``x -> x + u(x)`` over the template brain points, ``u`` being SyN's displacement field in template
     space (ANTs composes ``initial(x + u(x))``)."""
-    from ants.internal import get_lib_fn, get_pointer_string, process_arguments
+    shrink = [2 ** (len(SYN_ITERATIONS) - 1 - i) for i in range(len(SYN_ITERATIONS))]
 
-    fixed = fixed.clone("float")
-    moving = moving.clone("float")
-    keep = [m != 0 if m is not None else None for m in (fixed_mask, moving_mask)]
-    masks = "[%s,%s]" % tuple(get_pointer_string(m) if m is not None else "NA" for m in keep)
-    fixed_str, moving_str = get_pointer_string(fixed), get_pointer_string(moving)
-    levels = len(SYN_ITERATIONS)
-    shrink = [2 ** (levels - 1 - i) for i in range(levels)]
-    args = [
-        "--dimensionality", "3", "--float", "1",
-        "--initial-moving-transform", initial,
-        "--metric", f"CC[{fixed_str},{moving_str},1,{SYN_CC_RADIUS}]",
-        "--transform", f"SyN[0.2,{SYN_FLOW_SIGMA},0]",
-        "--convergence", "[%s,1e-6,5]" % "x".join(str(i) for i in SYN_ITERATIONS),
-        "--shrink-factors", "x".join(str(f) for f in shrink),
-        "--smoothing-sigmas", "x".join(str(max(f - 1, 0)) for f in shrink) + "vox",
-        "--masks", masks,
-        "--use-histogram-matching", "0",
-        "--random-seed", str(SEED),
-        "-z", "1",
-        "--output", "[%s]" % outprefix,
-    ]
-    code = get_lib_fn("antsRegistration")(process_arguments(args))
+    def stage(fixed_str: str, moving_str: str) -> list[str]:
+        return [
+            "--metric", f"CC[{fixed_str},{moving_str},1,{SYN_CC_RADIUS}]",
+            "--transform", f"SyN[0.2,{SYN_FLOW_SIGMA},0]",
+            "--convergence", "[%s,1e-6,5]" % "x".join(str(i) for i in SYN_ITERATIONS),
+            "--shrink-factors", "x".join(str(f) for f in shrink),
+            "--smoothing-sigmas", "x".join(str(max(f - 1, 0)) for f in shrink) + "vox",
+        ]
+
+    _ants_registration(fixed, moving, initial=initial, fixed_mask=fixed_mask, moving_mask=moving_mask, stage=stage,
+                       outprefix=outprefix)
     # with -z 1 the initial affine is written first (0GenericAffine.mat), then the warp (1Warp.nii.gz)
     warps = [outprefix + f"{n}Warp.nii.gz" for n in (1, 0) if os.path.isfile(outprefix + f"{n}Warp.nii.gz")]
-    if code != 0 or not warps:
-        raise RuntimeError(f"antsRegistration (SyN refinement) failed with code {code} and wrote no warp")
+    if not warps:
+        raise RuntimeError(f"antsRegistration (SyN refinement) wrote no warp to {outprefix}*Warp.nii.gz")
     warp = ants.image_read(warps[0])
     field = warp.numpy()                      # (x, y, z, 3) displacement, LPS mm
     points = brain_points_lps()
