@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ants
 import numpy as np
+import pytest
 
 from atlas_curate.normalize.register import (_syn_fit, ants_affine_to_ras, brain_points_lps, read_ants_affine,
                                              template_images, write_ants_affine)
@@ -54,3 +55,48 @@ def test_syn_fit_recovers_a_known_affine(tmp_path):
     start = np.linalg.norm(points @ (np.eye(4) - expected)[:3, :3].T + (np.eye(4) - expected)[:3, 3], axis=1)
     assert start.mean() > 2.0  # the affine is far from the identity ...
     assert error.mean() < 0.3, (error.mean(), start.mean())  # ... and recovered by the fit
+
+
+def _small_head_pair():
+    tpl = template_images()
+    moving = ants.resample_image(tpl["t1"], (4.0, 4.0, 4.0), use_voxels=False, interp_type=0)
+    return tpl["head_4mm"], moving
+
+
+def test_head_stage_helper_is_reused_and_deterministic(tmp_path):
+    """The single-threaded head stage runs in a helper process that later scans of this process reuse."""
+    from atlas_curate.normalize import register as reg
+
+    fixed, moving = _small_head_pair()
+    first = reg.HeadStage(fixed, moving, initial=None, outprefix=str(tmp_path / "a_"))
+    pid = first.helper.proc.pid
+    one = read_ants_affine(first.result()["fwdtransforms"][0])
+    second = reg.HeadStage(fixed, moving, initial=None, outprefix=str(tmp_path / "b_"))
+    assert second.helper.proc.pid == pid  # the same helper, no new start-up
+    two = read_ants_affine(second.result()["fwdtransforms"][0])
+    assert np.array_equal(one, two)
+
+
+def test_head_stage_failure_names_the_reason(tmp_path):
+    from atlas_curate.normalize import register as reg
+
+    fixed, moving = _small_head_pair()
+    stage = reg.HeadStage(fixed, moving, initial=str(tmp_path / "no-such-initial.mat"), outprefix=str(tmp_path / "c_"))
+    with pytest.raises(RuntimeError, match="head registration stage failed"):
+        stage.result()
+    # the helper survives a failed request and serves the next one
+    ok = reg.HeadStage(fixed, moving, initial=None, outprefix=str(tmp_path / "d_"))
+    assert ok.result()["fwdtransforms"]
+
+
+def test_a_dead_helper_is_reported_and_replaced(tmp_path):
+    from atlas_curate.normalize import register as reg
+
+    fixed, moving = _small_head_pair()
+    stage = reg.HeadStage(fixed, moving, initial=None, outprefix=str(tmp_path / "e_"))
+    stage.helper.proc.kill()
+    with pytest.raises(RuntimeError, match="helper exited"):
+        stage.result()
+    again = reg.HeadStage(fixed, moving, initial=None, outprefix=str(tmp_path / "f_"))
+    assert again.result()["fwdtransforms"]
+
