@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from atlas_curate.convert import convert
@@ -190,3 +191,17 @@ def test_dask_executor_matches_local(standard_bids, tmp_path):
         remote = normalize(_copy(standard_bids, tmp_path / "dask"), executor="dask",
                            scheduler=cluster.scheduler_address, progress=False)
     assert _hashes(remote.output) == _hashes(local.output)
+
+
+def test_a_subset_rerun_keeps_every_scan_in_the_qc_table(normalized):
+    """``--participant-label`` reruns one subject; qc.tsv must still list (and flag) every scan, else a scan
+    that failed QC earlier would look unchecked to later stages and be used."""
+    base, result, _ = normalized
+    before = pd.read_csv(result.output / "qc.tsv", sep="\t")
+    subject = before["participant_id"].iloc[0]
+    again = normalize(base / "bids", participant_labels=[subject], progress=False)
+    assert again.skipped == (before["participant_id"] == subject).sum()
+    after = pd.read_csv(result.output / "qc.tsv", sep="\t")
+    assert after["scan"].tolist() == before["scan"].tolist()
+    assert after["qc_pass"].tolist() == before["qc_pass"].tolist()
+    assert np.allclose(after["ncc_brain"], before["ncc_brain"])

@@ -245,6 +245,28 @@ def _dataset_description(out: Path) -> None:
     io.write_text("qc.tsv\nreport.html\n**/figures\noverlap\nsplit.tsv\nsplit.json\n", out / ".bidsignore")
 
 
+def _earlier_rows(path: Path, *, done: set[str], present: set[str]) -> list[dict]:
+    """Rows of an earlier ``qc.tsv`` for scans this run did not touch (``--participant-label``) whose input
+    is still there, so that the table keeps covering the dataset and a QC failure is never forgotten."""
+    if not path.is_file():
+        return []
+    earlier = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    rows = []
+    for row in earlier.to_dict("records"):
+        if row.get("scan") in done or row.get("scan") not in present:
+            continue
+        row["qc_pass"] = {"True": True, "False": False}.get(str(row.get("qc_pass")), row.get("qc_pass"))
+        for key, value in row.items():
+            if key not in ("scan", "participant_id", "session_id", "space_in", "status", "qc_pass", "qc_reasons",
+                           "figure", "error") and isinstance(value, str):
+                try:
+                    row[key] = float(value)
+                except ValueError:
+                    pass
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class NormalizeResult:
     output: Path
@@ -280,7 +302,9 @@ def normalize(bids_root: os.PathLike | str, *, template: str = "mni2009", partic
         rows.append(row)
     out = root / naming.PIPELINE_DERIVATIVE
     _dataset_description(out)
-    table = pd.DataFrame(rows).reindex(columns=QC_COLUMNS)
+    rows += _earlier_rows(out / "qc.tsv", done={row["scan"] for row in rows},
+                          present={f"sub-{sub}_ses-{ses}" for sub, ses, _, _ in find_inputs(root)})
+    table = pd.DataFrame(rows).reindex(columns=QC_COLUMNS).sort_values("scan", kind="stable", ignore_index=True)
     io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a"), out / "qc.tsv")
     from .report import write_report
 
