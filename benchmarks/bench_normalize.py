@@ -44,7 +44,8 @@ def _errors(affine: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(err.mean()), float(np.percentile(err, 95))
 
 
-def _lesion_dice(transform: str, lesion_paths: list[str], truth_dseg: str, min_mm3: float = 1000.0) -> list[float]:
+def _lesion_dice(transform: str, lesion_paths: list[str], truth_dseg: str, min_mm3: float = 1000.0,
+                 interpolator: str = "nearestNeighbor") -> list[float]:
     """Dice in template space between each true lesion of >= ``min_mm3`` and the release's mask of it warped
     nearest-neighbour with ``transform`` (the warped mask that overlaps the true lesion most)."""
     import ants
@@ -55,7 +56,7 @@ def _lesion_dice(transform: str, lesion_paths: list[str], truth_dseg: str, min_m
 
     fixed = template_images()["t1"]
     warped = [ants.apply_transforms(fixed, to_ants(load_nifti(p)), [transform],
-                                    interpolator="nearestNeighbor").numpy() > 0.5 for p in lesion_paths]
+                                    interpolator=interpolator).numpy() > 0.5 for p in lesion_paths]
     truth = np.asarray(nib.load(truth_dseg).dataobj)
     scores = []
     for label in range(1, int(truth.max()) + 1):
@@ -67,9 +68,11 @@ def _lesion_dice(transform: str, lesion_paths: list[str], truth_dseg: str, min_m
     return scores
 
 
-def _all_dice(transform: str, lesion_paths: dict[str, list[str]], truth_dseg: str) -> dict[str, list[float]]:
+def _all_dice(transform: str, lesion_paths: dict[str, list[str]], truth_dseg: str,
+              interpolator: str = "nearestNeighbor") -> dict[str, list[float]]:
     """Lesion Dice of the smoothed (``LesionSmooth``, what ATLAS ships as its mask) and the raw tracings."""
-    return {kind: _lesion_dice(transform, paths, truth_dseg) for kind, paths in lesion_paths.items() if paths}
+    return {kind: _lesion_dice(transform, paths, truth_dseg, interpolator=interpolator)
+            for kind, paths in lesion_paths.items() if paths}
 
 
 def _truth_transform(truth_ras: np.ndarray, path: str) -> str:
@@ -189,7 +192,11 @@ def main() -> int:
         truth_dseg = default_truth_dir(release) / "masks" / f"{key}_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz"
         row = {"scan": key, "zooms": "x".join(f"{z:g}" for z in scan["zooms"])}
         if truth_dseg.is_file():
-            ceiling = _all_dice(_truth_transform(true, str(work / "truth.mat")), lesion_paths, str(truth_dseg))
+            true_mat = _truth_transform(true, str(work / "truth.mat"))
+            ceiling = _all_dice(true_mat, lesion_paths, str(truth_dseg))
+            # for comparison only (normalize resamples labels nearest-neighbour, as specified): ANTs' GenericLabel
+            for kind, scores in _all_dice(true_mat, lesion_paths, str(truth_dseg), "genericLabel").items():
+                all_dice.setdefault(("truth+GL", kind), []).extend(scores)
             for kind, scores in ceiling.items():
                 all_dice.setdefault(("truth", kind), []).extend(scores)
         for method in ("ours",) + (() if args.skip_naive else ("naive",)):
@@ -219,7 +226,7 @@ def main() -> int:
               ", ".join(f"{k} {np.mean([s[k] for s in stages if s.get(k) is not None]):.2f}" for k in stages[0]))
     for (method, kind), scores in sorted(all_dice.items()):
         scores = np.array(scores)
-        print(f"lesion Dice, {method:5s} transform, {kind:6s} masks (template space, lesions >= 1 cm3, n={len(scores)}): "
+        print(f"lesion Dice, {method:8s} transform, {kind:6s} masks (template space, lesions >= 1 cm3, n={len(scores)}): "
               f"mean {scores.mean():.3f}, min {scores.min():.3f}, {np.mean(scores >= 0.95):.0%} >= 0.95")
     if not args.skip_naive:
         print(f"naive: {col('naive_s').mean():6.1f} s/scan, peak {col('naive_mb').max():.0f} MB, "
