@@ -23,9 +23,9 @@ the real Colin27 head). Here registration is done in stages:
    affine fit of the SyN displacement over every 4th template brain voxel)``. The deformation itself is
    discarded: the output is one 12-parameter affine.
 
-Where the time goes (one 1 mm scan, 2 cores, about 9 s): the 4 mm copy 0.6 s; N4 and the full-resolution
-correction 3.7 s, side by side with the head stage; brain stage 0.5 s; SyN 4.7 s (about 0.2 s an
-iteration; fewer iterations cost accuracy, see benchmarks/README.md).
+Where the time goes (one scan, 2 cores, about 8.5 s): the 4 mm copy 0.5 s; N4 and the full-resolution
+correction 3.1-3.4 s, side by side with the head stage (3.4-3.7 s); brain stage 0.6 s; SyN 3.7 s (about
+0.25 s an iteration; fewer iterations cost accuracy, see benchmarks/README.md).
 
 Deterministic: a one-threaded head stage, then the global-correlation metric (see ``METRIC``) with seeded
 regular sampling, and a dense cross-correlation SyN.
