@@ -245,26 +245,13 @@ def _dataset_description(out: Path) -> None:
     io.write_text("qc.tsv\nreport.html\n**/figures\noverlap\nsplit.tsv\nsplit.json\n", out / ".bidsignore")
 
 
-def _earlier_rows(path: Path, *, done: set[str], present: set[str]) -> list[dict]:
+def _earlier_rows(path: Path, *, done: set[str], present: set[str]) -> pd.DataFrame:
     """Rows of an earlier ``qc.tsv`` for scans this run did not touch (``--participant-label``) whose input
     is still there, so that the table keeps covering the dataset and a QC failure is never forgotten."""
     if not path.is_file():
-        return []
-    earlier = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    rows = []
-    for row in earlier.to_dict("records"):
-        if row.get("scan") in done or row.get("scan") not in present:
-            continue
-        row["qc_pass"] = {"True": True, "False": False}.get(str(row.get("qc_pass")), row.get("qc_pass"))
-        for key, value in row.items():
-            if key not in ("scan", "participant_id", "session_id", "space_in", "status", "qc_pass", "qc_reasons",
-                           "figure", "error") and isinstance(value, str):
-                try:
-                    row[key] = float(value)
-                except ValueError:
-                    pass
-        rows.append(row)
-    return rows
+        return pd.DataFrame(columns=QC_COLUMNS)
+    earlier = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    return earlier[~earlier["scan"].isin(done) & earlier["scan"].isin(present)]
 
 
 @dataclass
@@ -302,9 +289,12 @@ def normalize(bids_root: os.PathLike | str, *, template: str = "mni2009", partic
         rows.append(row)
     out = root / naming.PIPELINE_DERIVATIVE
     _dataset_description(out)
-    rows += _earlier_rows(out / "qc.tsv", done={row["scan"] for row in rows},
-                          present={f"sub-{sub}_ses-{ses}" for sub, ses, _, _ in find_inputs(root)})
-    table = pd.DataFrame(rows).reindex(columns=QC_COLUMNS).sort_values("scan", kind="stable", ignore_index=True)
+    earlier = _earlier_rows(out / "qc.tsv", done={row["scan"] for row in rows},
+                            present={f"sub-{sub}_ses-{ses}" for sub, ses, _, _ in find_inputs(root)})
+    table = pd.DataFrame(rows).reindex(columns=QC_COLUMNS)
+    if len(earlier):
+        table = pd.concat([table, earlier.reindex(columns=QC_COLUMNS)], ignore_index=True)
+    table = table.sort_values("scan", kind="stable", ignore_index=True)
     io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a"), out / "qc.tsv")
     from .report import write_report
 
