@@ -13,30 +13,49 @@ Definitions (prediction P, reference/truth T, both on the same voxel grid):
   Euclidean distance (mm, anisotropic spacing honoured) to the nearest surface voxel of B, computed with
   an exact Euclidean distance transform (``scipy.ndimage.distance_transform_edt(..., sampling=spacing)``).
 * **HD** (Hausdorff distance) = the maximum of both directed sets (= max of their union).
-  **HD95** = the 95th percentile (numpy's default linear interpolation) of the *union* of both directed
-  sets: the "symmetric 95th percentile" of MedPy's ``hd95``, which uses the same surface and distance
-  definitions. (DeepMind's ``surface-distance`` package instead takes the larger of the two directed
-  percentiles, weighting surface elements by area, so its values can differ.) **ASSD** (average symmetric
-  surface distance) = the mean of that union, as defined for the MICCAI 2007 segmentation challenges
-  (Heimann et al. 2009), so each surface voxel of either mask weighs the same; MedPy's ``assd`` averages
-  the two directed means instead, which differs when the surfaces differ in size.
+  **HD95** (``hd95``) = max(p95(P→T), p95(T→P)): the larger of the two directed 95th percentiles (numpy's
+  default linear interpolation), the convention of Metrics Reloaded (Maier-Hein et al. 2024), MONAI
+  (``compute_hausdorff_distance(percentile=95)``) and DeepMind's ``surface-distance`` package (which also
+  weighs surface elements by their area, so its values can still differ slightly).
+  ``hd95_pooled`` = the 95th percentile of the *union* of both directed sets: MedPy's ``hd95``, which uses the
+  same surface and distance definitions. The two agree when the surfaces are alike and differ when one
+  surface is much larger than the other (the pooled percentile is then dominated by the larger surface).
+  **ASSD** (average symmetric surface distance) = the mean of that union, as defined for the MICCAI 2007
+  segmentation challenges (Heimann et al. 2009), so each surface voxel of either mask weighs the same;
+  MedPy's ``assd`` (from version 0.5) and MONAI's ``compute_average_surface_distance(symmetric=True)``
+  compute the same pooled mean. (MedPy 0.4's ``assd`` averaged the two directed means instead; that
+  quantity is Metrics Reloaded's MASD, mean average surface distance, which differs when the surfaces
+  differ in size.)
 * **Volumes**: ``volume_diff_mm3`` = V(P) − V(T) (signed; positive = over-segmentation);
-  ``abs_volume_diff_mm3`` = |V(P) − V(T)|, the challenge's volume difference.
-* **Lesion-wise** (ATLAS R2.0 / MICCAI 2022 challenge scoring): lesions are the connected components of
-  each mask with 26-connectivity (full 3×3×3 structure: voxels touching by a face, an edge or a corner
-  belong to one lesion). A truth lesion that shares at least one voxel with P is a lesion TP, one that
-  shares none is a lesion FN; a predicted component sharing no voxel with T is a lesion FP.
-  Lesion F1 = 2TP / (2TP + FP + FN). A truth lesion split into several predicted components counts
-  once as TP (and none of the pieces is a FP); one predicted component covering several truth lesions
-  makes each of them a TP. ``lesion_count_diff`` = |#components(P) − #components(T)|.
+  ``abs_volume_diff_mm3`` = |V(P) − V(T)|. ``volume_diff_voxels`` and ``abs_volume_diff_voxels`` are the
+  same in voxels, |ΣP − ΣT|, the unit of the ATLAS 2022 challenge's "volume difference" (on its 1 mm
+  template grid a voxel is 1 mm³).
+* **Lesion-wise**: lesions are the connected components of each mask (``scipy.ndimage.label``). A truth
+  lesion that shares at least one voxel with P is a lesion TP, one that shares none is a lesion FN; a
+  predicted component sharing no voxel with T is a lesion FP. Lesion F1 = TP / (TP + (FP + FN) / 2)
+  (= 2TP / (2TP + FP + FN)). A truth lesion split into several predicted components counts once as TP (and
+  none of the pieces is a FP); one predicted component covering several truth lesions makes each of them a
+  TP. ``lesion_count_diff`` = |#components(T) − #components(P)| (the challenge's "simple lesion count").
+  ``connectivity`` chooses which voxels touch:
+
+  - ``6`` (the default): voxels sharing a face. This is the ATLAS R2.0 / MICCAI 2022 challenge scorer
+    (``isles/scoring.py`` of npnl/atlas2_grand_challenge, final version), which calls
+    ``scipy.ndimage.label`` with its default structure, the 6-connected cross; the leaderboard's lesion-wise
+    F1 and lesion count difference are computed this way.
+  - ``26``: voxels sharing a face, an edge or a corner (full 3×3×3 structure), the ISLES'22 scorer
+    (ezequieldlrosa/isles22, ``cc3d`` with ``connectivity=26``); same TP/FP/FN rules.
+
+  Example: truth = one voxel, prediction = that voxel plus one touching it only at a corner. With 6
+  connectivity the prediction has two lesions, one of them a FP: F1 = 1 / (1 + 1/2) = 0.667 and the count
+  difference is 1; with 26 connectivity F1 = 1 and the count difference 0.
 
 Empty masks (conventions, chosen so that a score is never invented where it is undefined):
 
-* **Both empty**: DSC = 1 and lesion F1 = 1 (the prediction is exactly right; the challenge's
-  ``empty_value`` is also 1); HD = HD95 = ASSD = 0 (the masks are identical, so no surface disagrees);
+* **Both empty**: DSC = 1 and lesion F1 = 1 (the prediction is exactly right; the challenge scorer also
+  gives 1 to both); HD = HD95 = ASSD = 0 (the masks are identical, so no surface disagrees);
   TPR and precision are 0/0 and stay NaN: they are rates over positives that do not exist.
-* **Exactly one empty**: DSC = 0 and lesion F1 = 0 (every lesion is missed or false); HD, HD95 and ASSD
-  are NaN, because the distance to an empty surface is undefined (infinite) and any finite stand-in
+* **Exactly one empty**: DSC = 0 and lesion F1 = 0 (every lesion is missed or false); HD, both HD95s and
+  ASSD are NaN, because the distance to an empty surface is undefined (infinite) and any finite stand-in
   (image diagonal, a fixed penalty) would be arbitrary and would swamp a mean. TPR and precision follow
   their formulas (truth empty: TPR = NaN, precision = 0; prediction empty: TPR = 0, precision = NaN).
 * NaNs are dropped by :func:`bootstrap_ci` and :func:`summarize`, whose ``n`` column says how many scans
@@ -46,7 +65,7 @@ Summaries: :func:`micro_dsc` pools voxels over all scans (2ΣTP / (2ΣTP + ΣFP 
 weigh more than in the per-scan (macro) mean. :func:`bootstrap_ci` is a seeded percentile bootstrap
 (resample scans with replacement, ``n_resamples`` times, take the (1 − level)/2 and (1 + level)/2
 percentiles of the statistic). :data:`CHALLENGE_WINNER` holds the 2022 challenge winner's published scores
-for comparison.
+for comparison; they are comparable only with ``connectivity=6``.
 
 Speed: surface distances and connected components are computed on the bounding box of P ∪ T. The result
 is exactly that of the whole volume: every surface voxel and every component lies in the box, and the
@@ -76,7 +95,15 @@ from .io import InputError, grid_difference, read_mask
 Spacing = tuple[float, float, float]
 
 SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)   # 6-connected cross
-LESION_STRUCTURE = np.ones((3, 3, 3), dtype=bool)             # 26-connectivity
+LESION_CONNECTIVITY = 6                                       # the ATLAS 2022 challenge scorer's
+LESION_STRUCTURES: dict[int, np.ndarray] = {
+    6: ndimage.generate_binary_structure(3, 1),    # faces only: scipy.ndimage.label's default (ATLAS 2022)
+    26: np.ones((3, 3, 3), dtype=bool),            # faces, edges and corners (ISLES'22)
+}
+LESION_CONVENTIONS: dict[int, str] = {
+    6: "ATLAS R2.0 / MICCAI 2022 challenge scorer: 6-connected lesions (scipy.ndimage.label default)",
+    26: "ISLES'22 scorer: 26-connected lesions (cc3d connectivity=26)",
+}
 HD_PERCENTILE = 95.0
 EDT_MAX_VOXELS = 2_000_000   # larger boxes use the k-d tree (same exact distances, time independent of the box)
 
@@ -84,19 +111,22 @@ CHALLENGE_WINNER: dict[str, float] = {
     "dsc": 0.667,
     "lesion_f1": 0.564,
     "lesion_count_diff": 4.54,
-    "abs_volume_diff_mm3": 8805.0,
+    "abs_volume_diff_voxels": 8805.0,
 }
-"""Scores of the MICCAI 2022 ATLAS challenge winner (nnU-Net with post-processing), means over the test set."""
+"""Scores of the MICCAI 2022 ATLAS challenge winner (nnU-Net with post-processing), means over the test set, as
+the challenge scored them: lesion-wise figures with 6-connected lesions, volume difference in voxels."""
 
 SCAN_METRIC_KEYS = (
-    "dsc", "hd", "hd95", "assd", "tpr", "precision",
+    "dsc", "hd", "hd95", "hd95_pooled", "assd", "tpr", "precision",
     "volume_pred_mm3", "volume_truth_mm3", "volume_diff_mm3", "abs_volume_diff_mm3",
+    "volume_diff_voxels", "abs_volume_diff_voxels",
     "lesion_f1", "lesion_tp", "lesion_fp", "lesion_fn", "lesion_count_pred", "lesion_count_truth",
     "lesion_count_diff", "tp_voxels", "fp_voxels", "fn_voxels",
 )
 AGREEMENT_COLUMNS = (
-    "a", "b", "dsc", "hd", "hd95", "assd", "volume_a_mm3", "volume_b_mm3", "volume_diff_mm3",
-    "abs_volume_diff_mm3", "lesion_f1", "lesion_count_diff", "lesion_count_a", "lesion_count_b",
+    "a", "b", "dsc", "hd", "hd95", "hd95_pooled", "assd", "volume_a_mm3", "volume_b_mm3", "volume_diff_mm3",
+    "abs_volume_diff_mm3", "volume_a_voxels", "volume_b_voxels", "volume_diff_voxels", "abs_volume_diff_voxels",
+    "lesion_f1", "lesion_count_diff", "lesion_count_a", "lesion_count_b", "lesion_connectivity",
 )
 
 
@@ -158,6 +188,15 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else float("nan")
 
 
+def lesion_structure(connectivity: int = LESION_CONNECTIVITY) -> np.ndarray:
+    """The ``scipy.ndimage.label`` structure of a lesion connectivity: 6 (ATLAS 2022) or 26 (ISLES'22)."""
+    try:
+        return LESION_STRUCTURES[int(connectivity)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"lesion connectivity must be 6 (ATLAS 2022 challenge) or 26 (ISLES'22), "
+                         f"got {connectivity!r}") from None
+
+
 # --------------------------------------------------------------------------------------------- per scan
 
 def spacing_of(img: nib.spatialimages.SpatialImage) -> Spacing:
@@ -178,15 +217,16 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     return _surface_distances_cropped(a, b, _spacing(spacing))
 
 
-def _lesion_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    truth_labels, n_truth = ndimage.label(truth, structure=LESION_STRUCTURE)
-    pred_labels, n_pred = ndimage.label(pred, structure=LESION_STRUCTURE)
+def _lesion_counts(pred: np.ndarray, truth: np.ndarray, structure: np.ndarray) -> dict[str, float]:
+    truth_labels, n_truth = ndimage.label(truth, structure=structure)
+    pred_labels, n_pred = ndimage.label(pred, structure=structure)
     both = pred & truth
     tp = int(np.count_nonzero(np.unique(truth_labels[both])))        # truth lesions touched by P
     pred_hitting = int(np.count_nonzero(np.unique(pred_labels[both])))  # predicted components touching T
     fn = n_truth - tp
     fp = n_pred - pred_hitting
-    f1 = 1.0 if n_truth == 0 and n_pred == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
+    # the challenge scorer's formula; tp + fp + fn == 0 only when both masks are empty (its empty_value 1)
+    f1 = 1.0 if tp + fp + fn == 0 else tp / (tp + (fp + fn) / 2.0)
     return {
         "lesion_f1": f1,
         "lesion_tp": tp,
@@ -198,38 +238,48 @@ def _lesion_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def lesion_wise(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Challenge lesion-wise scores (26-connected components; see the module docstring).
+def lesion_wise(pred: np.ndarray, truth: np.ndarray, *, connectivity: int = LESION_CONNECTIVITY) -> dict[str, float]:
+    """Lesion-wise scores of the challenge scorers (see the module docstring).
 
-    Keys: ``lesion_f1, lesion_tp, lesion_fp, lesion_fn, lesion_count_pred, lesion_count_truth,
-    lesion_count_diff``. Both masks empty → F1 = 1; exactly one empty → F1 = 0.
+    ``connectivity=6`` (default) is the ATLAS R2.0 / MICCAI 2022 challenge scorer (6-connected lesions),
+    ``connectivity=26`` the ISLES'22 scorer. Keys: ``lesion_f1, lesion_tp, lesion_fp, lesion_fn,
+    lesion_count_pred, lesion_count_truth, lesion_count_diff``. Both masks empty → F1 = 1; exactly one
+    empty → F1 = 0.
     """
+    structure = lesion_structure(connectivity)
     pred, truth = _as_masks(pred, truth)
     pred, truth = _crop(pred, truth)
-    return _lesion_counts(pred, truth)
+    return _lesion_counts(pred, truth, structure)
 
 
 def _distance_summary(pred: np.ndarray, truth: np.ndarray, spacing: Spacing) -> dict[str, float]:
     has_pred, has_truth = bool(pred.any()), bool(truth.any())
     if not has_pred and not has_truth:
-        return {"hd": 0.0, "hd95": 0.0, "assd": 0.0}
+        return {"hd": 0.0, "hd95": 0.0, "hd95_pooled": 0.0, "assd": 0.0}
     if not (has_pred and has_truth):
-        return {"hd": float("nan"), "hd95": float("nan"), "assd": float("nan")}
+        return {"hd": float("nan"), "hd95": float("nan"), "hd95_pooled": float("nan"), "assd": float("nan")}
     to_truth, to_pred = _surface_distances_cropped(pred, truth, spacing)
     union = np.concatenate([to_truth, to_pred])
     return {
         "hd": float(union.max()),
-        "hd95": float(np.percentile(union, HD_PERCENTILE)),
+        # Metrics Reloaded / MONAI: the larger of the two directed percentiles
+        "hd95": float(max(np.percentile(to_truth, HD_PERCENTILE), np.percentile(to_pred, HD_PERCENTILE))),
+        # MedPy: one percentile of both directed sets pooled
+        "hd95_pooled": float(np.percentile(union, HD_PERCENTILE)),
         "assd": float(union.mean()),
     }
 
 
-def scan_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+def scan_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
+                 connectivity: int = LESION_CONNECTIVITY) -> dict[str, float]:
     """All per-scan metrics of a prediction against the truth (keys in :data:`SCAN_METRIC_KEYS`).
 
-    Voxel counts and lesion counts are ints; everything else is a float (NaN where undefined, see the
-    module docstring for the empty-mask conventions).
+    ``hd95`` is the larger directed 95th percentile (Metrics Reloaded, MONAI), ``hd95_pooled`` the percentile
+    of both directed sets pooled (MedPy). Lesion-wise scores use ``connectivity`` (6: the ATLAS 2022 challenge
+    scorer, the default; 26: ISLES'22). Voxel counts and lesion counts are ints; everything else is a float
+    (NaN where undefined, see the module docstring for the empty-mask conventions).
     """
+    structure = lesion_structure(connectivity)
     pred, truth = _as_masks(pred, truth)
     spacing = _spacing(spacing)
     voxel_mm3 = float(np.prod(spacing))
@@ -248,7 +298,9 @@ def scan_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) 
         "volume_truth_mm3": volume_truth,
         "volume_diff_mm3": volume_pred - volume_truth,
         "abs_volume_diff_mm3": abs(volume_pred - volume_truth),
-        **_lesion_counts(pred, truth),
+        "volume_diff_voxels": n_pred - n_truth,
+        "abs_volume_diff_voxels": abs(n_pred - n_truth),
+        **_lesion_counts(pred, truth, structure),
         "tp_voxels": tp,
         "fp_voxels": fp,
         "fn_voxels": fn,
@@ -361,13 +413,15 @@ def summarize(table: pd.DataFrame, columns: Sequence[str] | None = None, *, n_re
 
 # --------------------------------------------------------------------------------------------- agreement
 
-def agreement(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+def agreement(paths: Sequence[str | os.PathLike], *, connectivity: int = LESION_CONNECTIVITY) -> pd.DataFrame:
     """Reliability between two or more masks of the same brain (e.g. several raters' tracings).
 
     One row per unordered pair ``(a, b)`` in input order (``itertools.combinations``), columns
     :data:`AGREEMENT_COLUMNS`. ``a`` is taken as the reference for the asymmetric lesion F1 (``b``'s lesions
-    are scored against ``a``'s); ``volume_diff_mm3`` = V(b) − V(a). DSC, HD, HD95, ASSD, volumes and the
-    lesion count difference are symmetric. Masks are ``> 0`` of the stored values; all must share the first
+    are scored against ``a``'s); ``volume_diff_mm3`` = V(b) − V(a) and ``volume_diff_voxels`` the same in
+    voxels. DSC, HD, both HD95s, ASSD, volumes and the lesion count difference are symmetric. Lesions are
+    ``connectivity``-connected (6, the default: the ATLAS 2022 challenge scorer; 26: ISLES'22); the
+    ``lesion_connectivity`` column says which. Masks are ``> 0`` of the stored values; all must share the first
     mask's grid (shape, and affine within 1e-3 mm): masks are never resampled, a mismatch raises
     :class:`~atlas_curate.io.InputError` naming both files.
     """
@@ -384,23 +438,31 @@ def agreement(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
         masks.append(mask)
         images.append(img)
     spacing = spacing_of(images[0])
+    connectivity = int(connectivity)
+    lesion_structure(connectivity)   # an unknown connectivity fails before any work
     rows = []
     for (i, a), (j, b) in itertools.combinations(enumerate(masks), 2):
-        scores = scan_metrics(b, a, spacing)
+        scores = scan_metrics(b, a, spacing, connectivity=connectivity)
         rows.append({
             "a": str(paths[i]),
             "b": str(paths[j]),
             "dsc": scores["dsc"],
             "hd": scores["hd"],
             "hd95": scores["hd95"],
+            "hd95_pooled": scores["hd95_pooled"],
             "assd": scores["assd"],
             "volume_a_mm3": scores["volume_truth_mm3"],
             "volume_b_mm3": scores["volume_pred_mm3"],
             "volume_diff_mm3": scores["volume_diff_mm3"],
             "abs_volume_diff_mm3": scores["abs_volume_diff_mm3"],
+            "volume_a_voxels": scores["tp_voxels"] + scores["fn_voxels"],
+            "volume_b_voxels": scores["tp_voxels"] + scores["fp_voxels"],
+            "volume_diff_voxels": scores["volume_diff_voxels"],
+            "abs_volume_diff_voxels": scores["abs_volume_diff_voxels"],
             "lesion_f1": scores["lesion_f1"],
             "lesion_count_diff": scores["lesion_count_diff"],
             "lesion_count_a": scores["lesion_count_truth"],
             "lesion_count_b": scores["lesion_count_pred"],
+            "lesion_connectivity": connectivity,
         })
     return pd.DataFrame.from_records(rows, columns=list(AGREEMENT_COLUMNS))
