@@ -262,6 +262,54 @@ def _features(table: pd.DataFrame, subjects: pd.Index) -> np.ndarray:
     return pd.concat(parts, axis=1).to_numpy(dtype=float)
 
 
+def _subject_table(table: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """Subjects of a scan table sorted by scan (``subject``, ``weight`` = scans, ``stratum`` = cohort and volume
+    quartile of the first scan), sorted by subject, and their :func:`_features`."""
+    first = table.groupby("subject", sort=False).head(1).set_index("subject").sort_index()
+    subjects = pd.DataFrame({
+        "subject": first.index,
+        "weight": table.groupby("subject").size().reindex(first.index).to_numpy(),
+        "stratum": [f"{c}|Q{q}" for c, q in zip(first["cohort"], first["volume_quartile"])],
+    })
+    return subjects, _features(table, first.index)
+
+
+def _fold_groups(subjects: pd.DataFrame, features: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Subjects into ``folds`` groups of equal scan targets (largest remainder), stratified and balanced."""
+    return _divide(subjects, features, [1.0 / folds] * folds,
+                   largest_remainder(int(subjects["weight"].sum()), [1] * folds), rng)
+
+
+def assign_folds(scans: pd.DataFrame, folds: int, seed: int = 0) -> pd.Series:
+    """Divide scans into ``folds`` groups as ``split --folds`` divides the non-test scans.
+
+    ``scans`` needs the columns ``scan``, ``subject``, ``cohort`` and ``volume_quartile`` (kept as given, e.g.
+    the quartiles of a written split). All scans of a subject go to one group; subjects are stratified by
+    (cohort, volume quartile of their first scan) and groups get equal scan targets by largest remainder,
+    with the same allocation, balancing and refinement as :func:`assign_splits` and a generator
+    ``numpy.random.default_rng(seed)`` of its own. Returns the group (0..folds-1) of each scan, indexed like
+    ``scans``. Same inputs and seed -> the same groups.
+    """
+    missing = {"scan", "subject", "cohort", "volume_quartile"} - set(scans.columns)
+    if missing:
+        raise ValueError(f"assign_folds needs the columns {sorted(missing)}")
+    if int(folds) != folds or folds < 1:
+        raise ValueError(f"folds must be a positive integer, got {folds}")
+    if scans["scan"].duplicated().any():
+        raise ValueError(f"duplicate scans: {sorted(set(scans.loc[scans['scan'].duplicated(), 'scan']))}")
+    table = scans[["scan", "subject", "cohort", "volume_quartile"]].copy()
+    table["cohort"] = table["cohort"].fillna(NO_COHORT).astype(str)
+    table = table.sort_values("scan")
+    if table.empty:
+        return pd.Series([], index=scans.index, dtype=int)
+    subjects, features = _subject_table(table)
+    if len(subjects) < folds:
+        raise ValueError(f"{folds} folds need at least {folds} subjects, there are {len(subjects)}")
+    group = _fold_groups(subjects, features, int(folds), np.random.default_rng(seed))
+    fold_of = dict(zip(subjects["subject"], group.tolist()))
+    return scans["subject"].map(fold_of).astype(int)
+
+
 def assign_splits(scans: pd.DataFrame, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                   folds: int | None = None) -> pd.DataFrame:
     """Split a table of scans (columns ``scan``, ``subject``, ``cohort``, ``lesion_volume_mm3``).
@@ -286,13 +334,7 @@ def assign_splits(scans: pd.DataFrame, seed: int = 0, fractions: Sequence[float]
     if table.empty:
         return table
 
-    first = table.groupby("subject", sort=False).head(1).set_index("subject").sort_index()
-    subjects = pd.DataFrame({
-        "subject": first.index,
-        "weight": table.groupby("subject").size().reindex(first.index).to_numpy(),
-        "stratum": [f"{c}|Q{q}" for c, q in zip(first["cohort"], first["volume_quartile"])],
-    })
-    features = _features(table, first.index)
+    subjects, features = _subject_table(table)
     rng = np.random.default_rng(seed)
     targets = largest_remainder(len(table), (train_f, dev_f, test_f))
     held_out = _divide(subjects, features, (1.0 - test_f, test_f), np.array([targets[0] + targets[1], targets[2]]),
@@ -308,8 +350,7 @@ def assign_splits(scans: pd.DataFrame, seed: int = 0, fractions: Sequence[float]
         if len(rest) < folds:
             raise ValueError(f"{folds} folds need at least {folds} subjects outside the test set, "
                              f"there are {len(rest)}")
-        group = _divide(rest, rest_features, [1.0 / folds] * folds,
-                        largest_remainder(int(rest["weight"].sum()), [1] * folds), rng)
+        group = _fold_groups(rest, rest_features, folds, rng)
         split_of.update(dict.fromkeys(rest["subject"], "train"))
         fold_of = {s: int(g) for s, g in zip(rest["subject"], group)}
     table["split"] = table["subject"].map(split_of)
