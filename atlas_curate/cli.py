@@ -26,6 +26,28 @@ def _executor_options(func):
     return func
 
 
+class _Labels(click.Option):
+    """An option taking one or more values after one flag, as BIDS Apps do (``--participant-label 01 02``):
+    it takes the words that follow until the next option; it may also be repeated."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            plain = option.process
+
+            def process(value, state, plain=plain):
+                words = [value]
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    words.append(state.rargs.pop(0))
+                for word in words:
+                    plain(word, state)
+
+            option.process = process
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="atlas-curate")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -84,8 +106,8 @@ def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executo
 @main.command("normalize")
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--template", default="mni2009", show_default=True, help="Template key from templates/registry.json.")
-@click.option("--participant-label", "participant_labels", multiple=True, metavar="LABEL",
-              help="Only these subjects (repeatable; with or without 'sub-').")
+@click.option("--participant-label", "participant_labels", cls=_Labels, multiple=True, metavar="LABEL [LABEL ...]",
+              help="Only these subjects, with or without 'sub-' (--participant-label 01 02; put BIDS_ROOT first).")
 @_executor_options
 @click.option("--no-deface", is_flag=True, help="Keep the face in the template-space T1w.")
 @click.option("--overwrite", is_flag=True, help="Redo scans that are already normalised.")
@@ -168,19 +190,43 @@ def export():
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
 @click.argument("splits", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--dataset-id", default=501, show_default=True, type=click.IntRange(1, 999))
-@click.option("--name", default="ATLAS", show_default=True)
+@click.option("--dataset-id", default=501, show_default=True, type=click.IntRange(1, 999),
+              help="nnU-Net dataset id: the export is OUT/Dataset{ID:03d}_{NAME}.")
+@click.option("--name", default="ATLAS", show_default=True, help="Dataset name (letters, digits, '_', '-').")
+@click.option("--seed", default=None, type=int,
+              help="Seed of the five folds of a split made without --folds (default: the split's seed).")
 @click.option("--copy", "copy_files", is_flag=True, help="Copy files instead of hard-linking them.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a different dataset with this id in OUT: OUT/Dataset{ID:03d}_{NAME} holding another "
+                   "export, or a Dataset{ID:03d}_* of another name (deleted). Exporting the same split again "
+                   "needs no flag.")
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1))
-def export_nnunet(bids_root, splits, out, dataset_id, name, copy_files, overwrite, jobs):
-    """nnU-Net v2 raw dataset (imagesTr/labelsTr/imagesTs, dataset.json, splits_final.json) from a split."""
-    from .export import export_nnunet as run_export
+def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, overwrite, jobs):
+    """nnU-Net v2 raw dataset from a split. OUT is the nnUNet_raw folder itself: the export creates
+    OUT/Dataset{ID:03d}_{NAME} (default OUT/Dataset501_ATLAS) inside it, with imagesTr/labelsTr (train and dev
+    scans), imagesTs/labelsTs (test scans), dataset.json, splits_final.json, folds.json and cases.tsv. An OUT
+    named like a dataset folder (Dataset123_X) is refused.
+
+    splits_final.json holds a subject-grouped fold for every fold nnU-Net trains, so it never draws its own
+    random split: the split's K folds (split --folds K), else five: fold 0 validates on the split's dev scans,
+    folds 1-4 on four seeded groups of its train scans, stratified by cohort and lesion-volume quartile.
+
+    \b
+    Then, with nnU-Net v2:
+      export nnUNet_raw=OUT
+      nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity
+      nnUNetv2_train ID 3d_fullres FOLD      (FOLD = 0, 1, 2, 3, 4)
+      nnUNetv2_predict -i OUT/Dataset{ID:03d}_{NAME}/imagesTs -o PRED -d ID -c 3d_fullres
+      atlas-curate evaluate --predictions PRED --split SPLITS
+
+    nnU-Net >= 2.8 copies splits_final.json to nnUNet_preprocessed/Dataset{ID:03d}_{NAME}/ itself and stops
+    when an older, different copy is there: delete that copy after exporting a new split."""
+    from .export import export_nnunet as run_export, next_steps
 
     path = run_export(bids_root, splits, out, dataset_id=dataset_id, name=name, overwrite=overwrite,
-                      link=not copy_files, jobs=jobs)
-    click.echo(f"nnU-Net dataset: {path}")
-    click.echo(f"copy {path / 'splits_final.json'} to $nnUNet_preprocessed/{path.name}/ to train on these folds")
+                      link=not copy_files, seed=seed, jobs=jobs)
+    for line in next_steps(path, splits):
+        click.echo(line)
 
 
 @main.command("train-baseline")
@@ -205,17 +251,60 @@ def train_baseline(bids_root, splits, run_dir, preset, config_file, device, resu
     click.echo(f"run folder: {result.run_dir} (config.toml, log.tsv, model.pt, checkpoints/)")
 
 
+_CONNECTIVITY_HELP = ("Lesion connectivity of the lesion-wise figures: 6 = the ATLAS 2022 challenge scorer "
+                      "(faces only), 26 = ISLES'22 (faces, edges, corners).")
+
+
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--split", "split_name", default="test", show_default=True, help="Which split to score.")
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--predictions", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Score this folder of lesion masks (any model's, e.g. nnU-Net's) instead of segmenting with a "
+                   "run; needs --split FILE.")
+@click.option("--split", "split_arg", default=None, metavar="NAME|FILE",
+              help="With RUN_DIR: which split to score (default test). With --predictions: the split table "
+                   "(TSV/JSON from `split`).")
+@click.option("--subset", default="test", show_default=True,
+              help="With --predictions: which split of the table to score.")
+@click.option("--cases", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --predictions: cases.tsv of `export nnunet` (case id -> scan); default: the first found "
+                   "in or above the predictions folder, or in or above the input folder nnUNetv2_predict recorded "
+                   "there.")
+@click.option("--bids-root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="With --predictions: the BIDS dataset of the split (default: found above the split file).")
+@click.option("--output", default=None, type=click.Path(file_okay=False),
+              help="With --predictions: output folder (default PREDICTIONS/eval-<subset>).")
+@click.option("--connectivity", default="6", show_default=True, type=click.Choice(["6", "26"]),
+              help=_CONNECTIVITY_HELP)
 @click.option("--ensemble", is_flag=True, help="Snapshot ensemble (mean of the zoom-out snapshots).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Workers for the metrics.")
-def evaluate(run_dir, split_name, ensemble, device, jobs):
-    """Segment and score a split: DSC, HD, HD95, ASSD, TPR, precision, challenge metrics, bootstrap CIs."""
-    from .evaluate import evaluate as run_evaluate
+def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, connectivity, ensemble, device,
+             jobs):
+    """Score a split: DSC, HD, HD95, ASSD, TPR, precision, lesion-wise F1, count and volume differences,
+    bootstrap CIs, per cohort and per lesion-size quartile.
 
-    result = run_evaluate(run_dir, split=split_name, ensemble=ensemble, device=device, jobs=jobs)
+    `evaluate RUN_DIR` segments the split with a trained run; `evaluate --predictions DIR --split FILE` scores
+    a folder of masks from any model (file names: ours, or nnU-Net case ids mapped through cases.tsv)."""
+    if (run_dir is None) == (predictions is None):
+        raise click.UsageError("give either RUN_DIR or --predictions DIR (with --split FILE)")
+    if predictions is None:
+        given = [name for name, value in (("--subset", subset != "test"), ("--cases", cases),
+                                          ("--bids-root", bids_root), ("--output", output)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: only with --predictions")
+        from .evaluate import evaluate as run_evaluate
+
+        result = run_evaluate(run_dir, split=split_arg or "test", ensemble=ensemble, device=device, jobs=jobs,
+                              connectivity=int(connectivity))
+    else:
+        if split_arg is None:
+            raise click.UsageError("--predictions needs --split FILE (the split table from `split`)")
+        if ensemble:
+            raise click.UsageError("--ensemble needs a run (RUN_DIR), not --predictions")
+        from .evaluate import evaluate_predictions
+
+        result = evaluate_predictions(predictions, split_arg, split=subset, bids_root=bids_root, cases=cases,
+                                      output=output, jobs=jobs, connectivity=int(connectivity))
     click.echo(result.text())
 
 
@@ -242,21 +331,32 @@ def predict(run_dir, t1s, output, native, ensemble, device):
 @main.command()
 @click.argument("masks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per pair) instead of a table.")
-def agreement(masks, as_json):
-    """Agreement between two or more lesion masks of the same brain (DSC, HD, HD95, ASSD, volumes, lesion F1).
+@click.option("--connectivity", default="6", show_default=True, type=click.Choice(["6", "26"]),
+              help=_CONNECTIVITY_HELP)
+def agreement(masks, as_json, connectivity):
+    """Agreement between two or more lesion masks of the same brain (DSC, HD, HD95 and pooled HD95, ASSD,
+    volumes in mm³ and voxels, lesion-wise F1 and count difference).
 
-    Every pair is compared; masks on different grids are an error (nothing is resampled)."""
-    from .metrics import agreement as compute
+    Every pair is compared; masks on different grids are an error (nothing is resampled). HD95 is the larger
+    directed 95th percentile (Metrics Reloaded, MONAI), hd95_pooled MedPy's pooled one; lesions are
+    6-connected as in the ATLAS 2022 challenge scorer unless --connectivity 26 (ISLES'22)."""
+    from .metrics import LESION_CONVENTIONS, agreement as compute
 
     if len(masks) < 2:
         raise click.UsageError("give at least two masks")
-    table = compute(list(masks))
+    table = compute(list(masks), connectivity=int(connectivity))
     if as_json:
         import json
+        import math
 
-        records = json.loads(table.to_json(orient="records"))
+        def plain(value):
+            value = value.item() if hasattr(value, "item") else value   # numpy scalars; full float precision
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        records = [{key: plain(value) for key, value in row.items()} for row in table.to_dict("records")]
         click.echo(json.dumps(records, indent=2))
     else:
+        click.echo(f"lesion-wise: {LESION_CONVENTIONS[int(connectivity)]}")
         click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

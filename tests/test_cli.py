@@ -100,6 +100,62 @@ def test_agreement_command_table_json_and_grid_error(tmp_path):
     assert result.exit_code != 0 and "c.nii.gz" in str(result.exception)
 
 
+def test_agreement_command_connectivity_and_both_hd95(tmp_path):
+    import json
+    import math
+
+    import nibabel as nib
+    import numpy as np
+
+    one = np.zeros((8, 8, 8), np.uint8)
+    one[3, 3, 3] = 1
+    two = one.copy()
+    two[4, 4, 4] = 1                    # touches the first voxel at a corner only
+    nib.save(nib.Nifti1Image(one, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(two, np.eye(4)), tmp_path / "b.nii.gz")
+    paths = [str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]
+    runner = CliRunner()
+    result = runner.invoke(main, ["agreement", *paths, "--json"])
+    assert result.exit_code == 0, result.output
+    (pair,) = json.loads(result.output)
+    # ATLAS 2022 scorer (6-connected): b has 2 lesions, one touching no voxel of a: F1 = 1 / (1 + 1/2)
+    assert pair["lesion_f1"] == 1 / (1 + 1 / 2) and pair["lesion_count_diff"] == 1
+    assert pair["lesion_connectivity"] == 6
+    # b → a {0, √3}, a → b {0}: max directed p95 = 0.95·√3; MedPy's pooled p95 of {0, 0, √3} = 0.9·√3
+    assert math.isclose(pair["hd95"], 0.95 * math.sqrt(3)) and math.isclose(pair["hd95_pooled"], 0.9 * math.sqrt(3))
+    assert (pair["volume_diff_voxels"], pair["abs_volume_diff_voxels"]) == (1, 1)
+    result = runner.invoke(main, ["agreement", *paths, "--json", "--connectivity", "26"])
+    assert result.exit_code == 0, result.output
+    (pair,) = json.loads(result.output)
+    assert (pair["lesion_f1"], pair["lesion_count_diff"], pair["lesion_connectivity"]) == (1.0, 0, 26)
+    result = runner.invoke(main, ["agreement", *paths])
+    assert result.exit_code == 0 and "6-connected" in result.output and "hd95_pooled" in result.output
+    result = runner.invoke(main, ["agreement", *paths, "--connectivity", "18"])
+    assert result.exit_code == 2 and "--connectivity" in result.output
+
+
+def test_evaluate_command_forms_and_usage_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", "--help"])
+    assert result.exit_code == 0
+    for option in ("--predictions", "--split", "--subset", "--cases", "--connectivity", "--bids-root"):
+        assert option in result.output, option
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "run").mkdir()
+    split = tmp_path / "split.tsv"
+    split.write_text("scan\tsubject\tsplit\tt1\tmask\n")
+    for args, message in (
+            ([], "either RUN_DIR or --predictions"),
+            ([str(tmp_path / "run"), "--predictions", str(tmp_path / "preds")], "either RUN_DIR or --predictions"),
+            (["--predictions", str(tmp_path / "preds")], "--split FILE"),
+            (["--predictions", str(tmp_path / "preds"), "--split", str(split), "--ensemble"], "--ensemble"),
+            ([str(tmp_path / "run"), "--cases", str(split)], "only with --predictions"),
+            ([str(tmp_path / "run"), "--connectivity", "18"], "--connectivity")):
+        result = runner.invoke(main, ["evaluate", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+
+
 def test_split_and_export_commands(standard_release, tmp_path):
     from atlas_curate.convert import convert
 
