@@ -26,7 +26,7 @@ from ..executor import Skip, run_map
 from ..templates import get_template, template_arrays
 from . import qc
 from .deface import deface
-from .register import from_ants, register, template_images, to_ants
+from .register import from_ants, register, template_images, to_ants, wm_peak
 
 SPACE = "MNI152NLin2009aSym"
 WM_TARGET = 100.0
@@ -61,6 +61,9 @@ def find_inputs(root: Path, participant_labels: list[str] | None = None) -> list
             found.append((m["sub"], m["ses"], str(path), SPACE))
     if participant_labels:
         wanted = {p.removeprefix("sub-") for p in participant_labels}
+        unknown = sorted(wanted - {f[0] for f in found})
+        if unknown:
+            raise ValueError(f"{root}: no T1w image for participant label(s) {', '.join(unknown)}")
         found = [f for f in found if f[0] in wanted]
     return found
 
@@ -100,16 +103,6 @@ def _fingerprint(paths: list[Path], options: dict) -> str:
     return digest.hexdigest()
 
 
-def wm_peak(values: np.ndarray) -> float:
-    """Intensity of the white-matter peak: the histogram mode of the brighter half of brain voxels."""
-    values = values[np.isfinite(values) & (values > 0)]
-    upper = values[values >= np.median(values)]
-    hist, edges = np.histogram(upper, bins=128)
-    smooth = np.convolve(hist, np.ones(5) / 5, mode="same")
-    i = int(np.argmax(smooth))
-    return float((edges[i] + edges[i + 1]) / 2)
-
-
 def standardise(image: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float]:
     """The intensity scale of normalize's outputs: the white-matter peak (:func:`wm_peak`) of the positive
     voxels in ``keep`` (template brain, lesion excluded) → ``WM_TARGET``, negatives → 0. Returns the
@@ -122,6 +115,29 @@ def standardise(image: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float]
     if not peak > 0:
         raise ValueError("white-matter peak is not positive")
     return np.clip(image / peak * WM_TARGET, 0, None).astype(np.float32), peak
+
+
+def qc_of_transform(corrected, transform_file: str, affine_ras: np.ndarray,
+                    lesion_img: nib.Nifti1Image | None = None) -> dict:
+    """normalize's QC figures (``qc.metrics``) of the bias-corrected native T1 ``corrected`` (an ANTs image,
+    ``Registration.corrected``) brought to the template with an ANTs affine ``transform_file`` whose
+    native->template RAS matrix is ``affine_ras``: what ``qc.tsv`` would say of that transform. Used to
+    calibrate the thresholds on correct and deliberately wrong transforms."""
+    fixed = template_images()["t1"]
+    arrays = template_arrays()
+    brain = arrays["T1w"] > 0
+    moved = ants.apply_transforms(fixed, corrected, [transform_file], interpolator="linear").numpy()
+    ones = corrected.new_image_like(np.ones(corrected.shape, np.float32))
+    coverage = ants.apply_transforms(fixed, ones, [transform_file], interpolator="nearestNeighbor").numpy() > 0.5
+    lesion, native_mm3 = None, None
+    if lesion_img is not None:
+        lesion = ants.apply_transforms(fixed, to_ants(lesion_img), [transform_file],
+                                       interpolator="nearestNeighbor").numpy() > 0.5
+        native_mm3 = float((np.asanyarray(lesion_img.dataobj) > 0).sum()) * io.voxel_volume(lesion_img)
+    keep = brain & (~lesion if lesion is not None else True)
+    standard, _ = standardise(moved, keep)
+    return qc.metrics(t1=standard, template=arrays["T1w"], brain=brain, lesion=lesion, affine_ras=affine_ras,
+                      native_lesion_mm3=native_mm3, coverage=coverage, grid_affine=get_template().affine)
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
@@ -211,7 +227,7 @@ def normalize_scan(job: NormJob) -> dict:
             written += [outputs["xfm"], naming.sidecar(outputs["xfm"])]
 
         values = qc.metrics(t1=standard, template=arrays["T1w"], brain=brain, lesion=lesion, affine_ras=affine_ras,
-                            native_lesion_mm3=native_lesion_mm3, coverage=coverage)
+                            native_lesion_mm3=native_lesion_mm3, coverage=coverage, grid_affine=tpl.affine)
         passed, reasons = qc.verdict(values)
         from .report import scan_figure
 
@@ -229,6 +245,7 @@ def normalize_scan(job: NormJob) -> dict:
 
 
 QC_COLUMNS = ["scan", "participant_id", "session_id", "space_in", "status", "qc_pass", "qc_reasons", "ncc_brain",
+              "alignment_gain",
               "brain_coverage", "scale_min", "scale_max", "shear", "determinant", "lesion_mm3_native",
               "lesion_mm3_template", "lesion_volume_ratio", "lesion_outside_brain", "figure", "error"]
 

@@ -61,12 +61,17 @@ METRIC = "GC"
 HEAD_ITERATIONS = (100, 50)
 HEAD_SHELL_MM = 14.0
 HEAD_SHELL_VALUE = 0.5
-BRAIN_PASSES = 1             # one brain affine before the refinement (poses of a real head agree 0.24 mm with it, 1.1 without)
+HEAD_TOP_MM = 150.0          # the head stage sees the head down to this far below its top (skull base: ~120 mm)
+BRAIN_PASSES = 2             # one brain affine before the refinement (poses of a real head agree 0.24 mm with it, 1.1 without)
 BRAIN_SPACING_MM = 4.0       # grid of the brain affine stage
-BRAIN_SHRINK = (2, 1)
-BRAIN_ITERATIONS = (200, 100)
+BRAIN_SHRINK = (4, 2, 1)
+BRAIN_ITERATIONS = (200, 200, 100)
+MASK_SPACING_MM = 2.0       # grid of the image-driven brain mask
+MASK_REACH_MM = 10.0        # the mask stays within this distance of the pulled-back template brain
+MASK_CUT_MM = 6.0           # erosion that cuts tissue bridges to scalp, eyes and neck
+MASK_TISSUE = 0.5          # tissue threshold of that mask, a fraction of the white-matter peak
 SYN_SPACING_MM = 4.0         # the coarse grid: N4, head stage (head_4mm) and SyN
-SYN_ITERATIONS = (15,)       # at 4 mm (one level: the affine stages have done the coarse work)
+SYN_ITERATIONS = (30, 15)    # at 8 and 4 mm
 SYN_STEP = 0.25              # gradient step
 SYN_MARGIN = 2               # voxels of the 4 mm grid kept around the template brain
 POINT_STRIDE = 4             # every 4th template brain voxel enters the least-squares fit
@@ -103,6 +108,10 @@ def _template_images(key: str) -> dict[str, ants.ANTsImage]:
     head_affine[2, 3] -= pad
     dist = ndimage.distance_transform_edt(~padded_brain)
     head = np.where(padded_brain, padded_t1, np.where(dist <= HEAD_SHELL_MM, HEAD_SHELL_VALUE, 0.0))
+    # seen to the same depth below its top as a scan's head is (``head_top``)
+    z = head_affine[2, 2] * np.arange(head.shape[2]) + head_affine[2, 3]
+    top = z[np.flatnonzero(head.any(axis=(0, 1))).max()]
+    head[:, :, z < top - HEAD_TOP_MM] = 0.0
     images = {
         "t1": nib.Nifti1Image(arrays["T1w"].astype(np.float32), affine),
         "brain": nib.Nifti1Image(brain.astype(np.float32), affine),
@@ -151,6 +160,47 @@ def _robust_top(data: np.ndarray, stride: int = 1) -> float:
     return top if top > 0 else 1.0
 
 
+def _physical_points(img: ants.ANTsImage, index: np.ndarray) -> np.ndarray:
+    """World LPS mm of voxel indices (N x 3) of an ANTs image."""
+    matrix = np.asarray(img.direction) * np.asarray(img.spacing)
+    return index @ matrix.T + np.asarray(img.origin)
+
+
+def head_top(img: ants.ANTsImage) -> tuple[ants.ANTsImage, np.ndarray]:
+    """The image with everything more than ``HEAD_TOP_MM`` below the top of the head set to 0 (shoulders,
+    neck, whatever the field of view holds below the skull), and the centre (LPS mm) of the head above that
+    level. "Up" is the world's superior axis: heads in scanners are tilted by tens of degrees at most."""
+    data = img.numpy()
+    mask = head_mask(img).numpy() > 0
+    index = np.argwhere(mask)
+    if len(index) == 0:
+        raise RuntimeError("no head found in the image (empty after thresholding)")
+    z = _physical_points(img, index)[:, 2]            # LPS z = superior
+    top = float(np.percentile(z, 99.9))
+    keep = z >= top - HEAD_TOP_MM
+    below = index[~keep]
+    data = data.copy()
+    data[tuple(below.T)] = 0.0
+    all_index = np.indices(data.shape).reshape(3, -1).T
+    low = _physical_points(img, all_index)[:, 2] < top - HEAD_TOP_MM - 8.0
+    data[low.reshape(data.shape)] = 0.0
+    return img.new_image_like(data), _physical_points(img, index[keep]).mean(axis=0)
+
+
+@lru_cache(maxsize=2)
+def _tpl_head_top(key: str) -> tuple:
+    small = template_images(key)["head_4mm"]
+    index = np.argwhere(small.numpy() > 0)
+    points = _physical_points(small, index)
+    top = float(np.percentile(points[:, 2], 99.9))
+    return tuple(points[points[:, 2] >= top - HEAD_TOP_MM].mean(axis=0))
+
+
+def tpl_head_top(key: str = "mni2009") -> np.ndarray:
+    """Centre (LPS mm) of the head-shaped target above ``HEAD_TOP_MM`` below its top."""
+    return np.asarray(_tpl_head_top(key))
+
+
 def head_mask(img: ants.ANTsImage) -> ants.ANTsImage:
     data = img.numpy()
     threshold = 0.15 * float(np.percentile(data, 98))
@@ -163,6 +213,71 @@ def bias_field(small: ants.ANTsImage) -> ants.ANTsImage:
     values = field.numpy()
     values[~(values > 1e-3)] = 1.0
     return field.new_image_like(values)
+
+
+def wm_peak(values: np.ndarray) -> float:
+    """Intensity of the white-matter peak: the histogram mode of the brighter half of brain voxels."""
+    values = values[np.isfinite(values) & (values > 0)]
+    upper = values[values >= np.median(values)]
+    hist, edges = np.histogram(upper, bins=128)
+    smooth = np.convolve(hist, np.ones(5) / 5, mode="same")
+    i = int(np.argmax(smooth))
+    return float((edges[i] + edges[i + 1]) / 2)
+
+
+
+def image_brain_mask(image: ants.ANTsImage, prior: ants.ANTsImage, lesion: ants.ANTsImage | None = None
+                     ) -> ants.ANTsImage:
+    """Brain mask of a bias-corrected head ``image`` (2 mm), from its intensities, near ``prior`` (the
+    template brain pulled back through a rough registration, possibly 10 mm and several degrees off).
+
+    Tissue (grey and white matter) is brighter than CSF and skull: voxels above ``MASK_TISSUE`` times the
+    white-matter peak (measured deep inside the prior) within ``MASK_REACH_MM`` of the prior; the connections
+    to scalp, eyes and neck are cut by a ``MASK_CUT_MM`` erosion, the component(s) reaching the prior's core
+    kept, the erosion undone within tissue, then sulci, ventricles and dark lesions closed in, and the mask
+    grown by 2 mm (the template's brain includes a rim of CSF). The lesion, when given, is always brain.
+    Works on the box around the prior (plus the reach), so its cost does not grow with the field of view."""
+    full = image.numpy()
+    spacing = np.asarray(image.spacing, float)
+    full_prior = prior.numpy() > 0.5
+    if not full_prior.any():
+        raise RuntimeError("the template brain mapped back lies outside the image (head stage failed)")
+    pad = np.ceil((MASK_REACH_MM + 4.0) / spacing).astype(int)
+    lo = np.maximum(np.argwhere(full_prior).min(axis=0) - pad, 0)
+    hi = np.minimum(np.argwhere(full_prior).max(axis=0) + pad + 1, full.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    data, prior_arr = full[box], full_prior[box]
+
+    def ball(mm):
+        r = np.ceil(mm / spacing).astype(int)
+        z = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+        return sum((zi * sp / mm) ** 2 for zi, sp in zip(z, spacing)) <= 1.0
+
+    dist_out = ndimage.distance_transform_edt(~prior_arr, sampling=spacing)
+    dist_in = ndimage.distance_transform_edt(prior_arr, sampling=spacing)
+    core = dist_in > 12.0
+    if core.sum() < 100:
+        core = dist_in > 0.5 * dist_in.max()
+    wm = wm_peak(data[core])
+    region = dist_out <= MASK_REACH_MM
+    tissue = region & (data > MASK_TISSUE * wm) & (data < 1.6 * wm)
+    seeds = ndimage.binary_erosion(tissue, structure=ball(MASK_CUT_MM))
+    labels, n = ndimage.label(seeds)
+    if n == 0:
+        return prior
+    hits = np.bincount(labels[core & seeds], minlength=n + 1)
+    hits[0] = 0
+    keep_labels = np.flatnonzero(hits >= max(0.05 * hits.max(), 1))
+    brain = np.isin(labels, keep_labels)
+    brain = ndimage.binary_dilation(brain, structure=ball(MASK_CUT_MM + 1.0)) & tissue
+    brain = ndimage.binary_closing(np.pad(brain, 4), structure=ball(4.0))[4:-4, 4:-4, 4:-4]
+    brain = ndimage.binary_fill_holes(brain)
+    brain = ndimage.binary_dilation(brain, structure=ball(2.0))
+    out = np.zeros(full.shape, np.float32)
+    out[box] = brain
+    if lesion is not None:
+        out[ants.resample_image_to_target(lesion, image, interp_type="nearestNeighbor").numpy() > 0.5] = 1.0
+    return image.new_image_like(out)
 
 
 class _Helper:
@@ -325,6 +440,11 @@ def write_ants_affine(lps: np.ndarray, path: str) -> None:
     ants.write_transform(tx, path)
 
 
+def write_ras_affine(affine_ras: np.ndarray, path: str) -> None:
+    """Write a native->template RAS matrix as the ANTs affine that ``ants_affine_to_ras`` reads back."""
+    write_ants_affine(_FLIP @ np.linalg.inv(affine_ras) @ _FLIP, path)
+
+
 def ants_affine_to_ras(path: str) -> np.ndarray:
     """The native->template RAS matrix of an ANTs affine (which maps template LPS to native LPS)."""
     template_to_native = _FLIP @ read_ants_affine(path) @ _FLIP
@@ -420,7 +540,7 @@ def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix:
 
 def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, template: str = "mni2009",
              initial: str | None = None, brain_passes: int = BRAIN_PASSES, refine: bool = True,
-             workdir: str | None = None) -> Registration:
+             workdir: str | None = None, brain_mask: nib.Nifti1Image | None = None) -> Registration:
     """Affine registration of a native whole-head T1 to the template (see module docstring).
 
     ``brain_passes`` intensity-driven brain affine stages run between the head stage and the refinement;
@@ -434,9 +554,16 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     os.makedirs(tmp, exist_ok=True)
     small = ants.resample_image(native, (SYN_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
     small = robust_scale(small)
+    # the head stage sees the top of the head only (no shoulders, no long neck), and starts from the
+    # centres of the top of both heads, not from the centres of mass of whole fields of view
+    head_only, top_centre = head_top(small)
+    if initial is None:
+        initial = os.path.join(tmp, "init.mat")
+        shift = top_centre - tpl_head_top(template)
+        write_ants_affine(np.block([[np.eye(3), shift[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]), initial)
     # the head stage (one thread, own process) does not need the bias correction at 4 mm: it runs on the
     # raw image while N4 runs here
-    head = HeadStage(tpl["head_4mm"], small, initial=initial, outprefix=os.path.join(tmp, "head_"))
+    head = HeadStage(tpl["head_4mm"], head_only, initial=initial, outprefix=os.path.join(tmp, "head_"))
     clock.lap("prepare")
     try:
         bias = bias_field(small)
@@ -458,26 +585,45 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     finally:
         head.cancel()
 
-    def stripped(image):
-        brain = ants.apply_transforms(image, tpl["brain_dil4"], stage["invtransforms"], whichtoinvert=[True],
-                                      interpolator="nearestNeighbor")
+    given = to_ants(brain_mask) if brain_mask is not None else None
+    lesion_native = None
+    if lesion is not None:
+        lesion_native = to_ants(nib.Nifti1Image((np.asarray(lesion.dataobj) > 0).astype(np.float32), lesion.affine))
+
+    def pulled_back(image, mask="brain_dil4"):
+        return ants.apply_transforms(image, tpl[mask], stage["invtransforms"], whichtoinvert=[True],
+                                     interpolator="nearestNeighbor")
+
+    def stripped(image, brain):
         moving_mask = None
         if lesion_keep is not None:
             moving_mask = ants.resample_image_to_target(lesion_keep, image, interp_type="nearestNeighbor") * brain
         return image * brain, moving_mask
 
-    for n in range(brain_passes):
-        image = (small_corrected if BRAIN_SPACING_MM == SYN_SPACING_MM else
-                 ants.resample_image(corrected, (BRAIN_SPACING_MM,) * 3, use_voxels=False, interp_type=0))
-        moving, moving_mask = stripped(image)
+    # brain stage 1: a brain mask drawn from the image itself (the head stage can be several mm and degrees
+    # off on real heads, so the template's mask pulled back through it cuts brain and keeps scalp), then
+    # brain-to-brain from a coarse level (16 mm) for capture range
+    mid = ants.resample_image(corrected, (MASK_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
+    if given is not None:
+        own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
+    else:
+        own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
+    clock.lap("brain_mask")
+    image = small_corrected
+    moving, moving_mask = stripped(image, ants.resample_image_to_target(own, image, interp_type="nearestNeighbor"))
+    stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_brain"],
+                      moving_mask=moving_mask, shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
+                      outprefix=os.path.join(tmp, "brain0_"))
+    for n in range(1, brain_passes):
+        moving, moving_mask = stripped(image, pulled_back(image))
         stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0],
                           fixed_mask=tpl["brain_dil2_brain"], moving_mask=moving_mask,
-                          shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
+                          shrink=BRAIN_SHRINK[1:], iterations=BRAIN_ITERATIONS[1:],
                           outprefix=os.path.join(tmp, f"brain{n}_"))
     clock.lap("brain_stage")
     final = os.path.join(tmp, "final.mat")
     if refine:
-        moving, moving_mask = stripped(small_corrected)
+        moving, moving_mask = stripped(small_corrected, pulled_back(small_corrected))
         fit = _syn_fit(tpl["t1_syn"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_syn"],
                        moving_mask=moving_mask, outprefix=os.path.join(tmp, "syn_"))
         write_ants_affine(read_ants_affine(stage["fwdtransforms"][0]) @ fit, final)
