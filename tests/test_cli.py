@@ -205,3 +205,31 @@ def test_training_commands_are_wired():
         assert result.exit_code == 0, (command, result.output)
     result = runner.invoke(main, ["train-baseline", "--help"])
     assert "--preset" in result.output and "--resume" in result.output
+
+
+def test_normalize_participant_label_takes_several_labels_after_one_flag(tmp_path, monkeypatch):
+    """BIDS Apps style: ``--participant-label 01 02`` (and repeated flags, with or without ``sub-``) reach
+    normalize as one list; a label with no T1w is an error naming it, not a silent no-op."""
+    import atlas_curate.normalize as norm
+    from atlas_curate.normalize.pipeline import find_inputs
+
+    seen = {}
+
+    def fake_normalize(root, **kwargs):
+        seen["labels"] = kwargs["participant_labels"]
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(norm, "normalize", fake_normalize)
+    runner = CliRunner()
+    for args, expected in [(["--participant-label", "01", "02", "--jobs", "1"], ["01", "02"]),
+                           (["--participant-label", "01", "--participant-label", "sub-03"], ["01", "sub-03"]),
+                           (["--participant-label", "01"], ["01"])]:
+        result = runner.invoke(main, ["normalize", str(tmp_path), *args])
+        assert seen.pop("labels") == expected, result.output
+    # a label without a scan
+    anat = tmp_path / "sub-01" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_ses-1_T1w.nii.gz").write_bytes(b"")
+    assert [f[0] for f in find_inputs(tmp_path, ["sub-01"])] == ["01"]
+    with pytest.raises(ValueError, match="02"):
+        find_inputs(tmp_path, ["01", "02"])

@@ -6,26 +6,36 @@ the real Colin27 head). Here registration is done in stages:
 
 1. head stage: the head (4 mm) is aligned to a *head-shaped* target, the template brain wrapped in a
    14 mm shell of constant intensity, so that scalp and skull have somewhere to go (affine, Mattes MI,
-   single-threaded in a helper process that the worker keeps for all its scans: see ``HeadStage``). It
-   runs on the uncorrected image, meanwhile
+   single-threaded in a helper process that the worker keeps for all its scans: see ``HeadStage``). Both
+   are seen down to ``HEAD_TOP_MM`` below the top of the head only (``head_top``): a field of view that
+   holds a long neck or the shoulders would otherwise pull the head down, and the stage starts from the
+   centres of the two head tops, not from the centres of mass of whole fields of view. It runs on the
+   uncorrected image, meanwhile
 2. bias field: N4 on the 4 mm copy inside a head mask, the smooth field interpolated to full resolution;
-3. brain stage: the template brain mask, dilated, is mapped back to the T1 with the current
-   transform; the skull-stripped, bias-corrected T1 (4 mm) is registered to the template brain (affine)
-   with a fixed-image mask (the dilated template brain) and a moving-image mask that excludes the lesion
-   (cost-function masking, as sMRIPrep does);
-4. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
+3. brain stage, first pass: on real heads the head stage is often 4-10 mm and several degrees off (scalp,
+   fat and face differ from the shell), so the template's brain mask pulled back through it cuts brain on
+   one side and keeps bright scalp on the other. So the brain is first drawn from the image itself
+   (``image_brain_mask``, 2 mm: tissue brighter than CSF and skull near the pulled-back mask, bridges to
+   the scalp cut by an erosion), and the skull-stripped, bias-corrected T1 (4 mm) is registered to the
+   template brain (affine, 16, 8 then 4 mm) with a fixed-image mask (the dilated template brain) and a
+   moving-image mask that excludes the lesion (cost-function masking, as sMRIPrep does);
+4. brain stage, second pass: the template brain mask, dilated, pulled back through the first pass, and
+   the same registration at 8 and 4 mm;
+5. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
    is defined as the least-squares affine fit of the true correspondence over the template's brain
    voxels, each voxel weighing the same. An intensity-driven affine stage instead weighs voxels by their
    edges and lands 0.5-1 mm (mean over the brain) away from that fit on anatomy that varies like real
-   brains. So a coarse, strongly regularised SyN deformation (15 iterations on the 4 mm template grid
-   cropped to the brain, cross-correlation, update field smoothed over 24 mm, same masks) is estimated on
-   top of the brain affine, and the affine is replaced by ``brain affine o (identity + least-squares
-   affine fit of the SyN displacement over every 4th template brain voxel)``. The deformation itself is
-   discarded: the output is one 12-parameter affine.
+   brains. So a coarse, strongly regularised SyN deformation (30 iterations at 8 mm, then 15 on the 4 mm
+   template grid cropped to the brain, cross-correlation, update field smoothed over 24 mm, same masks)
+   is estimated on top of the brain affine, and the affine is replaced by ``brain affine o (identity +
+   least-squares affine fit of the SyN displacement over every 4th template brain voxel)``. The
+   deformation itself is discarded: the output is one 12-parameter affine.
 
-Where the time goes (one scan, 2 cores, about 8.5 s): the 4 mm copy 0.5 s; N4 and the full-resolution
-correction 3.1-3.4 s, side by side with the head stage (3.4-3.7 s); brain stage 0.6 s; SyN 3.7 s (about
-0.25 s an iteration; fewer iterations cost accuracy, see benchmarks/README.md).
+A brain mask given by the caller (a brain-extracted release, or a mask from another tool) replaces the
+image-driven one in step 3.
+
+Accuracy on a real head scanned 24 ways (``benchmarks/bench_real_heads.py``) and timing: see
+benchmarks/README.md.
 
 Deterministic: a one-threaded head stage, then the global-correlation metric (see ``METRIC``) with seeded
 regular sampling, and a dense cross-correlation SyN.
@@ -62,7 +72,7 @@ HEAD_ITERATIONS = (100, 50)
 HEAD_SHELL_MM = 14.0
 HEAD_SHELL_VALUE = 0.5
 HEAD_TOP_MM = 150.0          # the head stage sees the head down to this far below its top (skull base: ~120 mm)
-BRAIN_PASSES = 2             # one brain affine before the refinement (poses of a real head agree 0.24 mm with it, 1.1 without)
+BRAIN_PASSES = 2             # brain affine passes before the refinement (the first on the image-driven brain mask)
 BRAIN_SPACING_MM = 4.0       # grid of the brain affine stage
 BRAIN_SHRINK = (4, 2, 1)
 BRAIN_ITERATIONS = (200, 200, 100)
@@ -194,6 +204,33 @@ def _tpl_head_top(key: str) -> tuple:
     points = _physical_points(small, index)
     top = float(np.percentile(points[:, 2], 99.9))
     return tuple(points[points[:, 2] >= top - HEAD_TOP_MM].mean(axis=0))
+
+
+@lru_cache(maxsize=2)
+def _tpl_brain_centre(key: str) -> tuple:
+    brain = template_images(key)["brain"]
+    return tuple(_physical_points(brain, np.argwhere(brain.numpy() > 0.5)).mean(axis=0))
+
+
+def tpl_brain_centre(key: str = "mni2009") -> np.ndarray:
+    """Centre of mass (LPS mm) of the template brain mask."""
+    return np.asarray(_tpl_brain_centre(key))
+
+
+def _brain_correlation(tpl: dict, moving: ants.ANTsImage, moving_mask, transform: str) -> float:
+    """Correlation of the skull-stripped ``moving`` brought to the 4 mm template brain with ``transform``,
+    inside the template brain (and outside the lesion when ``moving_mask`` is given)."""
+    fixed = tpl["t1_brain"]
+    warped = ants.apply_transforms(fixed, moving, [transform], interpolator="linear").numpy()
+    region = tpl["brain_dil2_brain"].numpy() > 0.5
+    if moving_mask is not None:
+        region &= ants.apply_transforms(fixed, moving_mask, [transform],
+                                        interpolator="nearestNeighbor").numpy() > 0.5
+    a, b = warped[region].astype(np.float64), fixed.numpy()[region].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else -1.0
 
 
 def tpl_head_top(key: str = "mni2009") -> np.ndarray:
@@ -502,7 +539,8 @@ def _register(fixed, moving, *, initial, fixed_mask=None, moving_mask=None, shri
     return {"fwdtransforms": [path], "invtransforms": [path]}
 
 
-def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix: str) -> np.ndarray:
+def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix: str,
+             keep: ants.ANTsImage | None = None) -> np.ndarray:
     """Coarse SyN on top of ``initial``; returns the 4x4 least-squares affine (template LPS -> template LPS)
     of ``x -> x + u(x)`` over the template brain points, ``u`` being SyN's displacement field in template
     space (ANTs composes ``initial(x + u(x))``)."""
@@ -526,6 +564,17 @@ def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix:
     warp = ants.image_read(warps[0])
     field = warp.numpy()                      # (x, y, z, 3) displacement, LPS mm
     points = brain_points_lps()
+    if keep is not None:
+        # only where the moving image has evidence: template points whose native point (through ``initial``)
+        # is outside the lesion; in a lesion, SyN's displacement is smoothed-over extrapolation
+        native = points @ read_ants_affine(initial)[:3, :3].T + read_ants_affine(initial)[:3, 3]
+        to_keep = np.linalg.inv(np.asarray(keep.direction) * np.asarray(keep.spacing))
+        idx = np.rint((native - np.asarray(keep.origin)) @ to_keep.T).astype(int)
+        inside = np.all((idx >= 0) & (idx < np.asarray(keep.shape)), axis=1)
+        ok = np.ones(len(points), bool)
+        ok[inside] = keep.numpy()[tuple(idx[inside].T)] > 0.5
+        if ok.sum() >= 0.25 * len(points):
+            points = points[ok]
     to_index = np.linalg.inv(np.asarray(warp.direction) * np.asarray(warp.spacing))
     index = (points - np.asarray(warp.origin)) @ to_index.T
     disp = np.stack([ndimage.map_coordinates(field[..., c], index.T, order=1, mode="nearest") for c in range(3)],
@@ -543,7 +592,8 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
              workdir: str | None = None, brain_mask: nib.Nifti1Image | None = None) -> Registration:
     """Affine registration of a native whole-head T1 to the template (see module docstring).
 
-    ``brain_passes`` intensity-driven brain affine stages run between the head stage and the refinement;
+    ``brain_passes`` intensity-driven brain affine stages run between the head stage and the refinement
+    (the first on ``brain_mask``, a native brain mask, when given, else on ``image_brain_mask``);
     ``refine=False`` skips the refinement. Intermediate files go to ``workdir`` (a new temporary folder when
     None, which the caller removes after reading ``transform_file``)."""
     ants.config._random_seed = SEED
@@ -610,10 +660,26 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
         own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
     clock.lap("brain_mask")
     image = small_corrected
-    moving, moving_mask = stripped(image, ants.resample_image_to_target(own, image, interp_type="nearestNeighbor"))
-    stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_brain"],
-                      moving_mask=moving_mask, shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
-                      outprefix=os.path.join(tmp, "brain0_"))
+    own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
+    moving, moving_mask = stripped(image, own_small)
+    # two starts: the head stage, and the head stage's linear part moved so that the brain found in the image
+    # lands on the template brain (centres of mass); the one whose result correlates better with the
+    # template brain is kept (on real heads the head stage is sometimes 10+ mm off, mostly a shift)
+    head_lps = read_ants_affine(stage["fwdtransforms"][0])
+    own_centre = _physical_points(own_small, np.argwhere(own_small.numpy() > 0.5)).mean(axis=0)
+    moved = head_lps.copy()
+    moved[:3, 3] += own_centre - (head_lps[:3, :3] @ tpl_brain_centre(template) + head_lps[:3, 3])
+    centred = os.path.join(tmp, "centred.mat")
+    write_ants_affine(moved, centred)
+    best = None
+    for n, start in enumerate((stage["fwdtransforms"][0], centred)):
+        candidate = _register(tpl["t1_brain"], moving, initial=start, fixed_mask=tpl["brain_dil2_brain"],
+                              moving_mask=moving_mask, shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
+                              outprefix=os.path.join(tmp, f"brain0{'ab'[n]}_"))
+        score = _brain_correlation(tpl, moving, moving_mask, candidate["fwdtransforms"][0])
+        if best is None or score > best[0]:
+            best = (score, candidate)
+    stage = best[1]
     for n in range(1, brain_passes):
         moving, moving_mask = stripped(image, pulled_back(image))
         stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0],
@@ -625,7 +691,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     if refine:
         moving, moving_mask = stripped(small_corrected, pulled_back(small_corrected))
         fit = _syn_fit(tpl["t1_syn"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_syn"],
-                       moving_mask=moving_mask, outprefix=os.path.join(tmp, "syn_"))
+                       moving_mask=moving_mask, outprefix=os.path.join(tmp, "syn_"), keep=lesion_keep)
         write_ants_affine(read_ants_affine(stage["fwdtransforms"][0]) @ fit, final)
     else:
         shutil.copyfile(stage["fwdtransforms"][0], final)

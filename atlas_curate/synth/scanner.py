@@ -69,6 +69,7 @@ class ScanSpec:
     noise: float = 0.02                 # Rician noise sd, fraction of the head's 99th percentile
     lesion_mm3: float = 0.0             # 0: no lesion
     lesion_centre: tuple | None = None  # original-world mm; None: chosen at random in the brain
+    lesion_seed: int | None = None      # the lesion's own seed: the same head (same lesion) in other scans
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -214,7 +215,8 @@ def scan_head(head: nib.Nifti1Image, spec: ScanSpec, brain: nib.Nifti1Image | No
         ndimage.binary_erosion(head_mask, iterations=15)
     lesion = np.zeros(data.shape, bool)
     if spec.lesion_mm3 > 0:
-        data, lesion = _paint_lesion(data, brain_mask, affine, rng, spec.lesion_mm3, spec.lesion_centre)
+        paint_rng = rng if spec.lesion_seed is None else np.random.default_rng(spec.lesion_seed)
+        data, lesion = _paint_lesion(data, brain_mask, affine, paint_rng, spec.lesion_mm3, spec.lesion_centre)
     lesion_mm3 = float(lesion.sum() * abs(np.linalg.det(affine[:3, :3])))
 
     # head in the original world; the neck cut: everything below a plane (in the scan's frame) goes
