@@ -40,13 +40,16 @@ from conftest import shared_fixture
 pytestmark = pytest.mark.slow
 
 SEED = 20240611
-# each scan combines several of the conditions that broke registration on real heads
+# each scan combines several of the conditions that broke registration on real heads; scans 0-2 are the same
+# head (the same 40 cm3 lesion), so their recovered affines must agree; scan 3 has most of a hemisphere lost
+SAME_HEAD = dict(lesion_mm3=40_000.0, lesion_seed=7)
 SCANS = [
-    dict(grid="0.9x0.9x3", orientation="LPS", thick_axis=2, lesion_mm3=150_000.0, bias_range=(0.6, 1.6)),
-    dict(grid="1mm", orientation="PIR", neck_cut_mm=30.0, lesion_mm3=20_000.0, bias_range=(0.7, 1.4)),
-    dict(grid="0.9x0.9x3", orientation="ASL", thick_axis=0, shoulders=True, neck_cut_mm=None, lesion_mm3=2_000.0),
+    dict(grid="0.9x0.9x3", orientation="LPS", thick_axis=2, bias_range=(0.6, 1.6), **SAME_HEAD),
+    dict(grid="1mm", orientation="PIR", neck_cut_mm=30.0, bias_range=(0.7, 1.4), **SAME_HEAD),
+    dict(grid="0.9x0.9x3", orientation="ASL", thick_axis=0, shoulders=True, neck_cut_mm=None, **SAME_HEAD),
     dict(grid="1mm", orientation="LAS", max_rotation_deg=18.0, lesion_mm3=300_000.0, bias_range=(0.95, 1.05)),
 ]
+SAME = (0, 1, 2)
 AGREE_MEAN, AGREE_P95, REFERENCE_MEAN = 1.0, 2.0, 2.0
 
 
@@ -119,7 +122,9 @@ def registered(ch2, ch2bet):
     try:
         for k, kw in enumerate(SCANS):
             kw = dict(kw)
+            lesion_seed = kw.pop("lesion_seed", None)
             spec = random_spec(rng, max_rotation_deg=kw.pop("max_rotation_deg", 12.0), **kw)
+            spec.lesion_seed = lesion_seed
             scan = scan_head(ch2, spec, ch2bet)
             lesion = scan.lesion if scan.lesion_mm3 > 0 else None
             reg = register(scan.image, lesion, workdir=_subdir(workdir, f"scan{k}"))
@@ -157,8 +162,8 @@ def test_poses_agree(registered, brain_points):
     # registration is deterministic, so the figures printed are the figures, not a draw
     recovered = registered["recovered"]
     lines, worst, worst_p95 = [], 0.0, 0.0
-    for j in range(len(recovered)):
-        for k in range(j + 1, len(recovered)):
+    for j in SAME:
+        for k in SAME[SAME.index(j) + 1:]:
             d = _distances(recovered[j], recovered[k], brain_points)
             worst = max(worst, float(d.mean()))
             worst_p95 = max(worst_p95, float(np.percentile(d, 95)))

@@ -680,8 +680,13 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
         if best is None or score > best[0]:
             best = (score, candidate)
     stage = best[1]
+    # later passes, and the refinement: the image-driven mask again, near the template brain pulled back through
+    # the first pass (now a few mm off at most), so that it is drawn where the brain is
+    if given is None:
+        own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
+    own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
     for n in range(1, brain_passes):
-        moving, moving_mask = stripped(image, pulled_back(image))
+        moving, moving_mask = stripped(image, own_small)
         stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0],
                           fixed_mask=tpl["brain_dil2_brain"], moving_mask=moving_mask,
                           shrink=BRAIN_SHRINK[1:], iterations=BRAIN_ITERATIONS[1:],
@@ -689,7 +694,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     clock.lap("brain_stage")
     final = os.path.join(tmp, "final.mat")
     if refine:
-        moving, moving_mask = stripped(small_corrected, pulled_back(small_corrected))
+        moving, moving_mask = stripped(small_corrected, own_small)
         fit = _syn_fit(tpl["t1_syn"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_syn"],
                        moving_mask=moving_mask, outprefix=os.path.join(tmp, "syn_"), keep=lesion_keep)
         write_ants_affine(read_ants_affine(stage["fwdtransforms"][0]) @ fit, final)
