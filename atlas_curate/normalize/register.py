@@ -25,8 +25,8 @@ the real Colin27 head). Here registration is done in stages:
    is defined as the least-squares affine fit of the true correspondence over the template's brain
    voxels, each voxel weighing the same. An intensity-driven affine stage instead weighs voxels by their
    edges and lands 0.5-1 mm (mean over the brain) away from that fit on anatomy that varies like real
-   brains. So a coarse, strongly regularised SyN deformation (30 iterations at 8 mm, then 15 on the 4 mm
-   template grid cropped to the brain, cross-correlation, update field smoothed over 24 mm, same masks)
+   brains. So a coarse, strongly regularised SyN deformation (15 iterations on the 4 mm template
+   grid cropped to the brain, cross-correlation, update field smoothed over 24 mm, same masks)
    is estimated on top of the brain affine, and the affine is replaced by ``brain affine o (identity +
    least-squares affine fit of the SyN displacement over every 4th template brain voxel)``. The
    deformation itself is discarded: the output is one 12-parameter affine.
@@ -72,7 +72,8 @@ HEAD_ITERATIONS = (100, 50)
 HEAD_SHELL_MM = 14.0
 HEAD_SHELL_VALUE = 0.5
 HEAD_TOP_MM = 150.0          # the head stage sees the head down to this far below its top (skull base: ~120 mm)
-BRAIN_PASSES = 2             # brain affine passes before the refinement (the first on the image-driven brain mask)
+BRAIN_PASSES = 4             # at most this many brain rounds (image-driven mask, then brain affine from two starts)
+BRAIN_CONVERGED_MM = 1.5     # rounds stop (after the second) once the transform moves less than this
 BRAIN_SPACING_MM = 4.0       # grid of the brain affine stage
 BRAIN_SHRINK = (4, 2, 1)
 BRAIN_ITERATIONS = (200, 200, 100)
@@ -81,7 +82,7 @@ MASK_REACH_MM = 10.0        # the mask stays within this distance of the pulled-
 MASK_CUT_MM = 6.0           # erosion that cuts tissue bridges to scalp, eyes and neck
 MASK_TISSUE = 0.5          # tissue threshold of that mask, a fraction of the white-matter peak
 SYN_SPACING_MM = 4.0         # the coarse grid: N4, head stage (head_4mm) and SyN
-SYN_ITERATIONS = (30, 15)    # at 8 and 4 mm
+SYN_ITERATIONS = (15,)        # at 4 mm (one level: the affine stages have done the coarse work)
 SYN_STEP = 0.25              # gradient step
 SYN_MARGIN = 2               # voxels of the 4 mm grid kept around the template brain
 POINT_STRIDE = 4             # every 4th template brain voxel enters the least-squares fit
@@ -592,8 +593,9 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
              workdir: str | None = None, brain_mask: nib.Nifti1Image | None = None) -> Registration:
     """Affine registration of a native whole-head T1 to the template (see module docstring).
 
-    ``brain_passes`` intensity-driven brain affine stages run between the head stage and the refinement
-    (the first on ``brain_mask``, a native brain mask, when given, else on ``image_brain_mask``);
+    At most ``brain_passes`` brain rounds (each: a native brain mask, ``brain_mask`` when given, else
+    ``image_brain_mask`` drawn near the current transform; then brain-to-brain affine stages from two starts)
+    run between the head stage and the refinement;
     ``refine=False`` skips the refinement. Intermediate files go to ``workdir`` (a new temporary folder when
     None, which the caller removes after reading ``transform_file``)."""
     ants.config._random_seed = SEED
@@ -650,47 +652,47 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
             moving_mask = ants.resample_image_to_target(lesion_keep, image, interp_type="nearestNeighbor") * brain
         return image * brain, moving_mask
 
-    # brain stage 1: a brain mask drawn from the image itself (the head stage can be several mm and degrees
-    # off on real heads, so the template's mask pulled back through it cuts brain and keeps scalp), then
-    # brain-to-brain from a coarse level (16 mm) for capture range
+    # brain stage, in rounds: a brain mask drawn from the image itself near the template brain pulled back
+    # through the current transform (the head stage can be 10+ mm and degrees off on real heads, so the
+    # template's mask pulled back through it cuts brain and keeps scalp), then brain-to-brain from 16 mm,
+    # from two starts: the current transform, and its linear part moved so that the brain found in the image
+    # lands on the template brain (centres of mass); the better correlation with the template brain is kept.
+    # Rounds go on (at least 2, at most ``brain_passes``) until the transform moves less than
+    # ``BRAIN_CONVERGED_MM`` over the brain: each round's mask is drawn nearer the brain than the last.
     mid = ants.resample_image(corrected, (MASK_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
-    if given is not None:
-        own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
-    else:
-        own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
-    clock.lap("brain_mask")
     image = small_corrected
-    own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
-    moving, moving_mask = stripped(image, own_small)
-    # two starts: the head stage, and the head stage's linear part moved so that the brain found in the image
-    # lands on the template brain (centres of mass); the one whose result correlates better with the
-    # template brain is kept (on real heads the head stage is sometimes 10+ mm off, mostly a shift)
-    head_lps = read_ants_affine(stage["fwdtransforms"][0])
-    own_centre = _physical_points(own_small, np.argwhere(own_small.numpy() > 0.5)).mean(axis=0)
-    moved = head_lps.copy()
-    moved[:3, 3] += own_centre - (head_lps[:3, :3] @ tpl_brain_centre(template) + head_lps[:3, 3])
-    centred = os.path.join(tmp, "centred.mat")
-    write_ants_affine(moved, centred)
-    best = None
-    for n, start in enumerate((stage["fwdtransforms"][0], centred)):
-        candidate = _register(tpl["t1_brain"], moving, initial=start, fixed_mask=tpl["brain_dil2_brain"],
-                              moving_mask=moving_mask, shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
-                              outprefix=os.path.join(tmp, f"brain0{'ab'[n]}_"))
-        score = _brain_correlation(tpl, moving, moving_mask, candidate["fwdtransforms"][0])
-        if best is None or score > best[0]:
-            best = (score, candidate)
-    stage = best[1]
-    # later passes, and the refinement: the image-driven mask again, near the template brain pulled back through
-    # the first pass (now a few mm off at most), so that it is drawn where the brain is
+    points = brain_points_lps(template)[::8]
+    for n in range(max(brain_passes, 1)):
+        if given is not None:
+            own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
+        else:
+            own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
+        own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
+        moving, moving_mask = stripped(image, own_small)
+        current = read_ants_affine(stage["fwdtransforms"][0])
+        own_centre = _physical_points(own_small, np.argwhere(own_small.numpy() > 0.5)).mean(axis=0)
+        moved = current.copy()
+        moved[:3, 3] += own_centre - (current[:3, :3] @ tpl_brain_centre(template) + current[:3, 3])
+        centred = os.path.join(tmp, f"centred{n}.mat")
+        write_ants_affine(moved, centred)
+        best = None
+        for m, start in enumerate((stage["fwdtransforms"][0], centred)):
+            candidate = _register(tpl["t1_brain"], moving, initial=start, fixed_mask=tpl["brain_dil2_brain"],
+                                  moving_mask=moving_mask, shrink=BRAIN_SHRINK, iterations=BRAIN_ITERATIONS,
+                                  outprefix=os.path.join(tmp, f"brain{n}{'ab'[m]}_"))
+            score = _brain_correlation(tpl, moving, moving_mask, candidate["fwdtransforms"][0])
+            if best is None or score > best[0]:
+                best = (score, candidate)
+        stage = best[1]
+        new = read_ants_affine(stage["fwdtransforms"][0])
+        change = float(np.linalg.norm(points @ (new - current)[:3, :3].T + (new - current)[:3, 3], axis=1).mean())
+        clock.seconds[f"brain_round{n}_change_mm"] = round(change, 3)
+        if n >= 1 and change < BRAIN_CONVERGED_MM:
+            break
+    # the refinement's mask: drawn near the final brain transform
     if given is None:
         own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
     own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
-    for n in range(1, brain_passes):
-        moving, moving_mask = stripped(image, own_small)
-        stage = _register(tpl["t1_brain"], moving, initial=stage["fwdtransforms"][0],
-                          fixed_mask=tpl["brain_dil2_brain"], moving_mask=moving_mask,
-                          shrink=BRAIN_SHRINK[1:], iterations=BRAIN_ITERATIONS[1:],
-                          outprefix=os.path.join(tmp, f"brain{n}_"))
     clock.lap("brain_stage")
     final = os.path.join(tmp, "final.mat")
     if refine:
