@@ -176,8 +176,8 @@ def run(args) -> dict:
                    "reference_mean_mm": round(float(d.mean()), 3),
                    "reference_p95_mm": round(float(np.percentile(d, 95)), 3),
                    "qc_pass": passed, "qc_reasons": reasons,
-                   **{key: round(float(values[key]), 4) for key in ("ncc_brain", "brain_coverage", "shear",
-                                                                     "scale_min", "scale_max")},
+                   **{key: round(float(values[key]), 4) for key in ("ncc_brain", "alignment_gain", "brain_coverage",
+                                                                     "shear", "scale_min", "scale_max")},
                    "seconds": round(seconds, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -190,7 +190,8 @@ def run(args) -> dict:
                     wrong_pass, why = qc.verdict(wrong_values)
                     calibration.append({"scan": k, "error": f"{kind} {'xyz'[axis] if axis is not None else ''} "
                                         f"{amount:g}".replace("  ", " "), "qc_pass": wrong_pass,
-                                        "reasons": why, "ncc_brain": round(float(wrong_values["ncc_brain"]), 4)})
+                                        "reasons": why, "ncc_brain": round(float(wrong_values["ncc_brain"]), 4),
+                                        "alignment_gain": round(float(wrong_values["alignment_gain"]), 4)})
         finally:
             shutil.rmtree(work, ignore_errors=True)
     pairs = []
@@ -257,12 +258,15 @@ def report(result: dict) -> bool:
         good = min(r["ncc_brain"] for r in rows[:max(c["scan"] for c in calibration) + 1])
         print(f"QC calibration: {len(calibration) - len(missed)}/{len(calibration)} wrong transforms flagged; "
               f"lowest ncc_brain of a correct one {good:.3f}, highest of a wrong one "
-              f"{max(c['ncc_brain'] for c in calibration):.3f}")
-        by_error: dict[str, list[float]] = {}
+              f"{max(c['ncc_brain'] for c in calibration):.3f}; alignment_gain: highest of a correct one "
+              f"{max(r['alignment_gain'] for r in rows):.4f}, lowest of a wrong one "
+              f"{min(c['alignment_gain'] for c in calibration):.4f}")
+        by_error: dict[str, list[dict]] = {}
         for c in calibration:
-            by_error.setdefault(c["error"], []).append(c["ncc_brain"])
+            by_error.setdefault(c["error"], []).append(c)
         for name, values in by_error.items():
-            print(f"  {name:<12} ncc_brain max {max(values):.3f}")
+            print(f"  {name:<12} ncc_brain max {max(c['ncc_brain'] for c in values):.3f}, alignment_gain min "
+                  f"{min(c['alignment_gain'] for c in values):.4f}")
         for c in missed:
             print(f"  NOT FLAGGED: scan {c['scan']} {c['error']} (ncc {c['ncc_brain']})")
     print("PASS" if ok else "FAIL")
