@@ -117,6 +117,15 @@ def standardise(image: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float]
     return np.clip(image / peak * WM_TARGET, 0, None).astype(np.float32), peak
 
 
+def _to_template(corrected, transform_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """The native image on the template grid (linear) and the template voxels its field of view covers."""
+    fixed = template_images()["t1"]
+    moved = ants.apply_transforms(fixed, corrected, [transform_file], interpolator="linear").numpy()
+    ones = corrected.new_image_like(np.ones(corrected.shape, np.float32))
+    coverage = ants.apply_transforms(fixed, ones, [transform_file], interpolator="nearestNeighbor").numpy() > 0.5
+    return moved, coverage
+
+
 def qc_of_transform(corrected, transform_file: str, affine_ras: np.ndarray,
                     lesion_img: nib.Nifti1Image | None = None) -> dict:
     """normalize's QC figures (``qc.metrics``) of the bias-corrected native T1 ``corrected`` (an ANTs image,
@@ -126,9 +135,7 @@ def qc_of_transform(corrected, transform_file: str, affine_ras: np.ndarray,
     fixed = template_images()["t1"]
     arrays = template_arrays()
     brain = arrays["T1w"] > 0
-    moved = ants.apply_transforms(fixed, corrected, [transform_file], interpolator="linear").numpy()
-    ones = corrected.new_image_like(np.ones(corrected.shape, np.float32))
-    coverage = ants.apply_transforms(fixed, ones, [transform_file], interpolator="nearestNeighbor").numpy() > 0.5
+    moved, coverage = _to_template(corrected, transform_file)
     lesion, native_mm3 = None, None
     if lesion_img is not None:
         lesion = ants.apply_transforms(fixed, to_ants(lesion_img), [transform_file],
@@ -184,9 +191,7 @@ def normalize_scan(job: NormJob) -> dict:
         else:
             reg = register(t1, lesion_img, workdir=tmp)
             affine_ras, xfm_file = reg.affine_ras, reg.transform_file
-            moved = ants.apply_transforms(fixed, reg.corrected, [xfm_file], interpolator="linear").numpy()
-            ones = reg.corrected.new_image_like(np.ones(reg.corrected.shape, np.float32))
-            coverage = ants.apply_transforms(fixed, ones, [xfm_file], interpolator="nearestNeighbor").numpy() > 0.5
+            moved, coverage = _to_template(reg.corrected, xfm_file)
 
             def warp(img, interp):
                 return ants.apply_transforms(fixed, to_ants(img), [xfm_file], interpolator=interp).numpy()

@@ -6,6 +6,7 @@ import json
 from functools import lru_cache
 
 import numpy as np
+from scipy import ndimage
 
 from ..resources import data_dir
 
@@ -66,8 +67,6 @@ def alignment_gain(t1: np.ndarray, template: np.ndarray, keep: np.ndarray, grid_
     largest NCC over the moves minus the NCC where it is, on a 2 mm copy of the template grid. About 0 or
     negative for a correct registration, whatever the scanner's contrast; positive when the registration is
     off by more than a couple of mm or degrees (see ``templates/qc.json`` for the threshold and its margins)."""
-    from scipy import ndimage
-
     def half(a, order):
         return ndimage.zoom(np.asarray(a, np.float32), 0.5, order=order, prefilter=False)
 

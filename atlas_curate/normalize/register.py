@@ -12,16 +12,17 @@ the real Colin27 head). Here registration is done in stages:
    centres of the two head tops, not from the centres of mass of whole fields of view. It runs on the
    uncorrected image, meanwhile
 2. bias field: N4 on the 4 mm copy inside a head mask, the smooth field interpolated to full resolution;
-3. brain stage, first pass: on real heads the head stage is often 4-10 mm and several degrees off (scalp,
-   fat and face differ from the shell), so the template's brain mask pulled back through it cuts brain on
-   one side and keeps bright scalp on the other. So the brain is first drawn from the image itself
-   (``image_brain_mask``, 2 mm: tissue brighter than CSF and skull near the pulled-back mask, bridges to
-   the scalp cut by an erosion), and the skull-stripped, bias-corrected T1 (4 mm) is registered to the
-   template brain (affine, 16, 8 then 4 mm) with a fixed-image mask (the dilated template brain) and a
-   moving-image mask that excludes the lesion (cost-function masking, as sMRIPrep does);
-4. brain stage, second pass: the template brain mask, dilated, pulled back through the first pass, and
-   the same registration at 8 and 4 mm;
-5. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
+3. brain stage, in rounds: on real heads the head stage is often 4-16 mm and several degrees off
+   (scalp, fat and face differ from the shell), so the template's brain mask pulled back through it cuts
+   brain on one side and keeps bright scalp on the other. So each round draws the brain from the image
+   itself near the template brain pulled back through the current transform (``image_brain_mask``, 2 mm:
+   tissue brighter than CSF and skull, bridges to the scalp cut by an erosion), and registers the
+   skull-stripped, bias-corrected T1 (4 mm) to the template brain (affine, 16, 8 then 4 mm) with a
+   fixed-image mask (the dilated template brain) and a moving-image mask that excludes the lesion
+   (cost-function masking, as sMRIPrep does), from two starts (the current transform, and the same moved
+   so that the brain found lands on the template brain's centre of mass); the better correlation is kept.
+   Rounds stop (after the second) once the transform moves less than ``BRAIN_CONVERGED_MM``;
+4. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
    is defined as the least-squares affine fit of the true correspondence over the template's brain
    voxels, each voxel weighing the same. An intensity-driven affine stage instead weighs voxels by their
    edges and lands 0.5-1 mm (mean over the brain) away from that fit on anatomy that varies like real
@@ -62,6 +63,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..templates import get_template, template_arrays
+from .qc import ncc
 
 SEED = 20200101
 # Global correlation, not Mattes MI: ANTs accumulates the multithreaded MI histogram in an order that
@@ -82,7 +84,7 @@ MASK_REACH_MM = 10.0        # the mask stays within this distance of the pulled-
 MASK_CUT_MM = 6.0           # erosion that cuts tissue bridges to scalp, eyes and neck
 MASK_TISSUE = 0.5          # tissue threshold of that mask, a fraction of the white-matter peak
 SYN_SPACING_MM = 4.0         # the coarse grid: N4, head stage (head_4mm) and SyN
-SYN_ITERATIONS = (15,)        # at 4 mm (one level: the affine stages have done the coarse work)
+SYN_ITERATIONS = (15,)       # at 4 mm (one level: the affine stages have done the coarse work)
 SYN_STEP = 0.25              # gradient step
 SYN_MARGIN = 2               # voxels of the 4 mm grid kept around the template brain
 POINT_STRIDE = 4             # every 4th template brain voxel enters the least-squares fit
@@ -127,7 +129,6 @@ def _template_images(key: str) -> dict[str, ants.ANTsImage]:
         "t1": nib.Nifti1Image(arrays["T1w"].astype(np.float32), affine),
         "brain": nib.Nifti1Image(brain.astype(np.float32), affine),
         "brain_dil2": nib.Nifti1Image(ndimage.binary_dilation(brain, iterations=2).astype(np.float32), affine),
-        "brain_dil4": nib.Nifti1Image(ndimage.binary_dilation(brain, iterations=4).astype(np.float32), affine),
         "head": nib.Nifti1Image(head.astype(np.float32), head_affine),
     }
     out = {k: to_ants(v) for k, v in images.items()}
@@ -189,12 +190,8 @@ def head_top(img: ants.ANTsImage) -> tuple[ants.ANTsImage, np.ndarray]:
     z = _physical_points(img, index)[:, 2]            # LPS z = superior
     top = float(np.percentile(z, 99.9))
     keep = z >= top - HEAD_TOP_MM
-    below = index[~keep]
-    data = data.copy()
-    data[tuple(below.T)] = 0.0
-    all_index = np.indices(data.shape).reshape(3, -1).T
-    low = _physical_points(img, all_index)[:, 2] < top - HEAD_TOP_MM - 8.0
-    data[low.reshape(data.shape)] = 0.0
+    all_z = _physical_points(img, np.indices(data.shape).reshape(3, -1).T)[:, 2].reshape(data.shape)
+    data = np.where(all_z < top - HEAD_TOP_MM, 0.0, data).astype(data.dtype)
     return img.new_image_like(data), _physical_points(img, index[keep]).mean(axis=0)
 
 
@@ -227,11 +224,7 @@ def _brain_correlation(tpl: dict, moving: ants.ANTsImage, moving_mask, transform
     if moving_mask is not None:
         region &= ants.apply_transforms(fixed, moving_mask, [transform],
                                         interpolator="nearestNeighbor").numpy() > 0.5
-    a, b = warped[region].astype(np.float64), fixed.numpy()[region].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else -1.0
+    return ncc(warped, fixed.numpy(), region)
 
 
 def tpl_head_top(key: str = "mni2009") -> np.ndarray:
@@ -261,7 +254,6 @@ def wm_peak(values: np.ndarray) -> float:
     smooth = np.convolve(hist, np.ones(5) / 5, mode="same")
     i = int(np.argmax(smooth))
     return float((edges[i] + edges[i + 1]) / 2)
-
 
 
 def image_brain_mask(image: ants.ANTsImage, prior: ants.ANTsImage, lesion: ants.ANTsImage | None = None
@@ -568,7 +560,8 @@ def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix:
     if keep is not None:
         # only where the moving image has evidence: template points whose native point (through ``initial``)
         # is outside the lesion; in a lesion, SyN's displacement is smoothed-over extrapolation
-        native = points @ read_ants_affine(initial)[:3, :3].T + read_ants_affine(initial)[:3, 3]
+        start = read_ants_affine(initial)
+        native = points @ start[:3, :3].T + start[:3, 3]
         to_keep = np.linalg.inv(np.asarray(keep.direction) * np.asarray(keep.spacing))
         idx = np.rint((native - np.asarray(keep.origin)) @ to_keep.T).astype(int)
         inside = np.all((idx >= 0) & (idx < np.asarray(keep.shape)), axis=1)
@@ -642,7 +635,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     if lesion is not None:
         lesion_native = to_ants(nib.Nifti1Image((np.asarray(lesion.dataobj) > 0).astype(np.float32), lesion.affine))
 
-    def pulled_back(image, mask="brain_dil4"):
+    def pulled_back(image, mask="brain"):
         return ants.apply_transforms(image, tpl[mask], stage["invtransforms"], whichtoinvert=[True],
                                      interpolator="nearestNeighbor")
 
@@ -662,11 +655,11 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     mid = ants.resample_image(corrected, (MASK_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
     image = small_corrected
     points = brain_points_lps(template)[::8]
+    if given is not None:
+        own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
     for n in range(max(brain_passes, 1)):
-        if given is not None:
-            own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
-        else:
-            own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
+        if given is None:
+            own = image_brain_mask(mid, pulled_back(mid), lesion_native)
         own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
         moving, moving_mask = stripped(image, own_small)
         current = read_ants_affine(stage["fwdtransforms"][0])
@@ -691,7 +684,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
             break
     # the refinement's mask: drawn near the final brain transform
     if given is None:
-        own = image_brain_mask(mid, pulled_back(mid, "brain"), lesion_native)
+        own = image_brain_mask(mid, pulled_back(mid), lesion_native)
     own_small = ants.resample_image_to_target(own, image, interp_type="nearestNeighbor")
     clock.lap("brain_stage")
     final = os.path.join(tmp, "final.mat")
