@@ -27,6 +27,7 @@ demo: $(VENV)/.all-installed
 	$(BIN)/atlas-curate demo $(DEMO_OUT)
 
 test: $(VENV)/.all-installed
+	sh scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

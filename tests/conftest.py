@@ -52,3 +52,49 @@ def atlas2_release(tmp_path_factory) -> Release:
     synthesize(base / "release", subjects=6, seed=2, flavour="atlas2", faults=True, truth=base / "truth",
                jobs=2, progress=False)
     return Release(base / "release", base / "truth")
+
+
+def _chromium() -> str | None:
+    import os
+    import shutil
+
+    explicit = os.environ.get("ATLAS_CURATE_BROWSER")
+    if explicit:
+        return explicit
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Playwright (the OS's Chromium: nothing is downloaded), or a skip naming
+    what is missing. ``make test`` installs Chromium (scripts/install-browser.sh)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser tests need playwright (pip install -e '.[test]')")
+    executable = _chromium()
+    if executable is None:
+        pytest.skip("browser tests need Chromium: run scripts/install-browser.sh or set ATLAS_CURATE_BROWSER")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, headless=True,
+                                      args=["--no-sandbox", "--allow-file-access-from-files"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page that records failed requests and console errors (``page.failures``)."""
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.failures = []
+    page.on("requestfailed", lambda request: page.failures.append(f"{request.url}: {request.failure}"))
+    page.on("console", lambda msg: page.failures.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: page.failures.append(f"page error: {exc}"))
+    yield page
+    context.close()
