@@ -15,15 +15,27 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _executor_options(func):
+def _jobs_option(stage: str, what: str = "Worker processes"):
+    """--jobs, by default every CPU this process may use, capped so each worker of ``stage`` has its memory."""
+    from .executor import WORKER_MEMORY_GIB, default_jobs
+
+    def resolve(ctx, param, value):
+        return default_jobs(stage) if value is None else value
+
+    return click.option("--jobs", "-j", default=None, type=click.IntRange(1), callback=resolve,
+                        help=f"{what} [default: the CPUs this process may use (affinity and cgroup quota), at most "
+                             f"one per {WORKER_MEMORY_GIB[stage]:g} GiB of available memory].")
+
+
+def _executor_options(stage: str):
     """--jobs / --executor / --scheduler, shared by every per-scan stage."""
-    func = click.option("--scheduler", default=None, metavar="ADDRESS",
-                        help="Dask scheduler address (tcp://host:8786) for --executor dask.")(func)
-    func = click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "dask"]),
-                        help="local: a process pool of --jobs workers; dask: an existing Dask cluster.")(func)
-    func = click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1),
-                        help="Worker processes for the local executor.")(func)
-    return func
+    def decorate(func):
+        func = click.option("--scheduler", default=None, metavar="ADDRESS",
+                            help="Dask scheduler address (tcp://host:8786) for --executor dask.")(func)
+        func = click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+                            help="local: a process pool of --jobs workers; dask: an existing Dask cluster.")(func)
+        return _jobs_option(stage, "Worker processes for the local executor")(func)
+    return decorate
 
 
 class _Labels(click.Option):
@@ -69,7 +81,7 @@ def main(verbose: int) -> None:
                                             "metadata row without folder, folder without row).")
 @click.option("--truth", type=click.Path(file_okay=False), default=None,
               help="Where to write the ground truth (default: OUT-truth beside OUT).")
-@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@_jobs_option("synth")
 def synth(out, subjects, seed, flavour, faults, truth, jobs):
     """Write a synthetic ATLAS release to OUT, with its ground truth beside it."""
     from .synth import default_truth_dir, synthesize
@@ -90,7 +102,7 @@ def synth(out, subjects, seed, flavour, faults, truth, jobs):
 @click.option("--naming", "naming_scheme", default="native", show_default=True,
               type=click.Choice(["native", "atlas2"]),
               help="native keeps the release IDs (sub-c0001s0001, ses-t01); atlas2 gives sub-r001s001, ses-1.")
-@_executor_options
+@_executor_options("bids-convert")
 @click.option("--overwrite", is_flag=True, help="Redo scans that are already converted.")
 def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executor, scheduler, overwrite):
     """Convert the ATLAS release at SOURCE into a BIDS dataset at OUTPUT."""
@@ -108,7 +120,7 @@ def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executo
 @click.option("--template", default="mni2009", show_default=True, help="Template key from templates/registry.json.")
 @click.option("--participant-label", "participant_labels", cls=_Labels, multiple=True, metavar="LABEL [LABEL ...]",
               help="Only these subjects, with or without 'sub-' (--participant-label 01 02; put BIDS_ROOT first).")
-@_executor_options
+@_executor_options("normalize")
 @click.option("--no-deface", is_flag=True, help="Keep the face in the template-space T1w.")
 @click.option("--overwrite", is_flag=True, help="Redo scans that are already normalised.")
 def normalize_cmd(bids_root, template, participant_labels, jobs, executor, scheduler, no_deface, overwrite):
@@ -132,6 +144,21 @@ def normalize_cmd(bids_root, template, participant_labels, jobs, executor, sched
         sys.exit(1)
 
 
+@main.command("qc-apply")
+@click.argument("decisions", type=click.Path(exists=True, dir_okay=False))
+@click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
+def qc_apply(decisions, bids_root):
+    """Record a rater's include/exclude decisions (DECISIONS: the qc_decisions.tsv that normalize's report.html
+    downloads) in BIDS_ROOT's qc.tsv, beside the automatic QC verdict, and redraw report.html.
+
+    overlap-map and split then follow them: exclude always excludes a scan, include keeps a scan that failed
+    the automatic QC. Applying again replaces the decisions of the scans listed; the others keep theirs. A
+    file with any problem (column, decision, empty rater, unknown or unprocessed scan) changes nothing."""
+    from .qc_decisions import apply_decisions
+
+    click.echo(apply_decisions(decisions, bids_root).summary())
+
+
 @main.command("overlap-map")
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", default=None, type=click.Path(file_okay=False),
@@ -143,7 +170,7 @@ def normalize_cmd(bids_root, template, participant_labels, jobs, executor, sched
 @click.option("--include-failed", is_flag=True, help="Keep scans that failed registration QC.")
 @click.option("--per-subject", default="first", show_default=True, type=click.Choice(["first", "all"]),
               help="first: one scan per subject (its first session); all: every session.")
-@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@_jobs_option("overlap-map")
 def overlap_map(bids_root, output, lesions, where_expr, include_failed, per_subject, jobs):
     """Probabilistic lesion overlap map, figures, dataset tables and per-lesion report."""
     from .overlap import overlap_map as run_overlap, summary
@@ -200,7 +227,7 @@ def export():
               help="Replace a different dataset with this id in OUT: OUT/Dataset{ID:03d}_{NAME} holding another "
                    "export, or a Dataset{ID:03d}_* of another name (deleted). Exporting the same split again "
                    "needs no flag.")
-@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1))
+@_jobs_option("export")
 def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, overwrite, jobs):
     """nnU-Net v2 raw dataset from a split. OUT is the nnUNet_raw folder itself: the export creates
     OUT/Dataset{ID:03d}_{NAME} (default OUT/Dataset501_ATLAS) inside it, with imagesTr/labelsTr (train and dev
@@ -224,7 +251,7 @@ def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, ov
     from .export import export_nnunet as run_export, next_steps
 
     path = run_export(bids_root, splits, out, dataset_id=dataset_id, name=name, overwrite=overwrite,
-                      link=not copy_files, seed=seed, jobs=jobs)
+                      link=not copy_files, seed=seed, jobs=jobs, progress=True)
     for line in next_steps(path, splits):
         click.echo(line)
 
@@ -246,8 +273,7 @@ def train_baseline(bids_root, splits, run_dir, preset, config_file, device, resu
 
     result = train(bids_root, splits, run_dir, preset=preset, config=config_file, device=device, resume=resume,
                    fold=fold)
-    click.echo(f"trained on {result.n_train} scans ({result.device}, {result.seconds:.0f} s); "
-               f"last dev Dice {result.dev_dice:.3f}")
+    click.echo(result.summary())
     click.echo(f"run folder: {result.run_dir} (config.toml, log.tsv, model.pt, checkpoints/)")
 
 
@@ -277,7 +303,7 @@ _CONNECTIVITY_HELP = ("Lesion connectivity of the lesion-wise figures: 6 = the A
               help=_CONNECTIVITY_HELP)
 @click.option("--ensemble", is_flag=True, help="Snapshot ensemble (mean of the zoom-out snapshots).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1), help="Workers for the metrics.")
+@_jobs_option("evaluate", "Worker processes for the metrics")
 def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, connectivity, ensemble, device,
              jobs):
     """Score a split: DSC, HD, HD95, ASSD, TPR, precision, lesion-wise F1, count and volume differences,
@@ -362,18 +388,22 @@ def agreement(masks, as_json, connectivity):
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-output")
-@click.option("--subjects", default=10, show_default=True, type=click.IntRange(1, 200))
+@click.option("--subjects", default=None, type=click.IntRange(1, 200),
+              help="Subjects to synthesize [default: 6; 10 with --full].")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--jobs", "-j", default=2, show_default=True, type=click.IntRange(1))
+@_jobs_option("normalize", "Worker processes for every stage")
 @click.option("--flavour", default="native", show_default=True, type=click.Choice(["native", "atlas2"]),
               help="native: an R1.1 ICPSR release (registration included); atlas2: an R2.0 release.")
+@click.option("--full", is_flag=True, help="The larger demo: 10 subjects and the full quick training preset "
+                                          "(about 20 minutes on 2 cores instead of a few).")
 @click.option("--no-train", is_flag=True, help="Stop after split (no training, evaluation or prediction).")
-def demo(out, subjects, seed, jobs, flavour, no_train):
+def demo(out, subjects, seed, jobs, flavour, full, no_train):
     """Build a small synthetic release in OUT and run every stage on it (synth, bids-convert, normalize,
-    overlap-map, split, train-baseline --preset quick, evaluate, predict); prints where each output is."""
+    overlap-map, split, train-baseline, evaluate, predict) with progress bars; prints the wall time of each
+    stage and, last, the index page that links every output."""
     from .demo import run_demo
 
-    run_demo(out, subjects=subjects, seed=seed, jobs=jobs, flavour=flavour, train=not no_train)
+    run_demo(out, subjects=subjects, seed=seed, jobs=jobs, flavour=flavour, train=not no_train, full=full)
 
 
 def run() -> None:

@@ -9,15 +9,18 @@ builds that table once, from files only:
   normalised but was converted from a standard-space archive (``derivatives/lesions`` in
   ``space-MNI152NLin2009aSym``) uses those images directly (its QC is then ``n/a``);
 * QC comes from ``derivatives/atlas-curate/qc.tsv`` (``qc_pass``; a scan whose normalisation failed
-  or was flagged is excluded by default, with the reason);
+  or was flagged is excluded by default, with the reason). A rater's decision recorded there by
+  ``qc-apply`` (``human_decision``, see :mod:`atlas_curate.qc_decisions`) overrules the automatic verdict:
+  ``exclude`` excludes the scan (``excluded by rater <rater>: <note>``), ``include`` keeps a scan whose
+  automatic QC failed (``include_failed`` does not matter for it);
 * metadata from ``participants.tsv`` and every ``sub-*/sub-*_sessions.tsv`` (session columns win over
   participant columns of the same name).
 
 Columns: ``scan`` (``sub-X_ses-Y``), ``participant_id``, ``session_id``, ``subject``, ``session``,
 ``t1``, ``mask``, ``dseg``, ``raw_mask`` (absolute paths or ``None``), ``native_mask``, ``native_dseg``
 (the converted native-space masks, for native volumes), ``source`` (``normalize`` | ``standard``),
-``qc_pass`` (True/False/None), ``qc_reasons``, ``has_mask``, ``excluded`` (reason or ``""``), then the
-metadata columns.
+``qc_pass`` (True/False/None), ``qc_reasons``, ``qc_decision`` (the rater's ``include`` / ``exclude``, or
+``""``), ``has_mask``, ``excluded`` (reason or ``""``), then the metadata columns.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ def _template_images(base: Path, sub: str, ses: str, desc_t1: str | None) -> dic
         "dseg": _existing(base / naming.bids_path(sub, ses, "dseg", space=SPACE, desc="lesions")),
         "raw_mask": _existing(base / naming.bids_path(sub, ses, "mask", space=SPACE, label="L", desc="T1lesionRaw")),
     }
+
+
+def _text(value) -> str:
+    """A qc.tsv cell as text, ``""`` when missing."""
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:
@@ -84,7 +92,8 @@ def scan_table(bids_root: os.PathLike | str, *, include_failed: bool = False) ->
     """Every scan of ``bids_root`` with template-space images, QC and metadata; see the module docstring.
 
     Rows are sorted by scan. ``excluded`` holds why a scan cannot be used by default: ``"qc failed: ..."``
-    (unless ``include_failed``), ``"normalize failed: ..."``, ``"no template-space T1w"``.
+    (unless ``include_failed`` or a rater's ``include``), ``"excluded by rater ..."`` (a rater's
+    ``exclude``), ``"normalize failed: ..."``, ``"no template-space T1w"``.
     """
     root = Path(bids_root).resolve()
     if not root.is_dir():
@@ -119,22 +128,29 @@ def scan_table(bids_root: os.PathLike | str, *, include_failed: bool = False) ->
                                                                     desc="T1lesion"))
         row["native_dseg"] = _existing(lesions / naming.bids_path(sub, ses, "dseg", space="orig", desc="lesions"))
         row["source"] = source
-        qc_pass, reasons, status, error = None, "", None, ""
+        qc_pass, reasons, status, error, decision, rater, note = None, "", None, "", "", "", ""
         if qc is not None and scan in qc.index and source == "normalize":
             entry = qc.loc[scan]
             qc_pass = {"True": True, "False": False}.get(str(entry.get("qc_pass")))
             reasons = "" if pd.isna(entry.get("qc_reasons")) else str(entry.get("qc_reasons"))
             status = entry.get("status")
             error = "" if pd.isna(entry.get("error")) else str(entry.get("error"))
+            decision, rater, note = (_text(entry.get(c)) for c in ("human_decision", "human_rater", "human_note"))
+            decision = decision if decision in ("include", "exclude") else ""
         elif qc is not None and scan in qc.index and qc.loc[scan].get("status") == "failed":
             status, error, qc_pass = "failed", str(qc.loc[scan].get("error")), False
         row["qc_pass"] = qc_pass
         row["qc_reasons"] = reasons
+        row["qc_decision"] = decision
         row["has_mask"] = row["mask"] is not None
         if status == "failed":
             row["excluded"] = f"normalize failed: {error}"
         elif source is None:
             row["excluded"] = "no template-space T1w"
+        elif decision == "exclude":
+            row["excluded"] = f"excluded by rater {rater or 'n/a'}" + (f": {note}" if note else "")
+        elif decision == "include":
+            row["excluded"] = ""
         elif qc_pass is False and not include_failed:
             row["excluded"] = f"qc failed: {reasons}"
         else:
@@ -142,7 +158,7 @@ def scan_table(bids_root: os.PathLike | str, *, include_failed: bool = False) ->
         rows.append(row)
 
     fixed = ["scan", "participant_id", "session_id", "subject", "session", *PATH_COLUMNS, "source", "qc_pass",
-             "qc_reasons", "has_mask", "excluded"]
+             "qc_reasons", "qc_decision", "has_mask", "excluded"]
     table = pd.DataFrame(rows, columns=fixed)
     meta = _metadata(root)
     if len(meta):

@@ -72,6 +72,7 @@ import numpy as np
 import pandas as pd
 
 from . import io, naming
+from .index import refresh_index
 
 SPACE = "MNI152NLin2009aSym"
 DESC = "ResUNet"
@@ -427,8 +428,11 @@ def evaluate(run_dir: os.PathLike | str, *, split: str = "test", ensemble: bool 
     doc = {"run": str(run_dir), "split": split, "ensemble": ensemble, "models": segmenter.sources,
            "split_file": str(run["splits"])}
     title = f"{split}{' (snapshot ensemble)' if ensemble else ''}"
-    return _score(rows, predictions, records, out, file_columns=["mask_file", "probseg_file"], doc=doc, title=title,
-                  jobs=jobs, progress=progress, n_resamples=n_resamples, seed=seed, connectivity=connectivity)
+    result = _score(rows, predictions, records, out, file_columns=["mask_file", "probseg_file"], doc=doc,
+                    title=title, jobs=jobs, progress=progress, n_resamples=n_resamples, seed=seed,
+                    connectivity=connectivity)
+    refresh_index(bids_root, "run", run_dir)   # the page lists the run's eval-* folders
+    return result
 
 
 # --------------------------------------------------------------------------------------------- any model's masks
@@ -631,6 +635,8 @@ def evaluate_predictions(predictions: os.PathLike | str, split_file: os.PathLike
            "bids_root": None if root is None else str(root),
            "cases": None if cases_path is None else str(Path(cases_path).resolve()),
            "n_files_ignored": ignored}
-    return _score(rows, files, records, out, file_columns=["prediction_file"], doc=doc,
-                  title=f"{split} ({folder.name})", jobs=jobs, progress=progress, n_resamples=n_resamples, seed=seed, connectivity=connectivity,
-                  notes=notes)
+    result = _score(rows, files, records, out, file_columns=["prediction_file"], doc=doc,
+                    title=f"{split} ({folder.name})", jobs=jobs, progress=progress, n_resamples=n_resamples,
+                    seed=seed, connectivity=connectivity, notes=notes)
+    refresh_index(root, "evaluation", out)   # on the page of the split's dataset, when one was found
+    return result

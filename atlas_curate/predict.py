@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, io, naming
+from .index import refresh_index, run_bids_root
 
 SPACE = "MNI152NLin2009aSym"
 DESC = "ResUNet"
@@ -208,4 +209,5 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"),
                   output / "predictions.tsv")
+    refresh_index(run_bids_root(run_dir), "predictions", output)   # the page of the run's dataset
     return PredictResult(output, table)

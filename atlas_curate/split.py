@@ -59,6 +59,7 @@ import pandas as pd
 
 from . import __version__, io
 from .dataset import lesion_volume_mm3, scan_table
+from .index import refresh_index
 
 SPLITS = ("train", "dev", "test")
 EXCLUDED = "excluded"
@@ -374,7 +375,7 @@ def _release_part(table: pd.DataFrame, root: Path) -> pd.Series:
 
 def make_split(bids_root: os.PathLike | str, *, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                folds: int | None = None, include_failed: bool = False,
-               keep_release_division: bool = False) -> pd.DataFrame:
+               keep_release_division: bool = False, progress: bool = True) -> pd.DataFrame:
     """Split the scans of a (converted, usually normalised) BIDS dataset; see the module docstring.
 
     One row per scan of the dataset, sorted by scan: ``scan``, ``subject`` (participant_id), ``session``
@@ -382,7 +383,10 @@ def make_split(bids_root: os.PathLike | str, *, seed: int = 0, fractions: Sequen
     ``cohort``, ``lesion_volume_mm3`` (template space; also for set-aside scans with a mask),
     ``volume_quartile`` (among included scans), ``t1``, ``mask`` (absolute paths) and ``excluded`` (the reason a
     scan was set aside, else ``""``). The settings are kept in ``table.attrs`` for :func:`write_split`.
+    ``progress`` shows a bar while the lesion volumes are read (a minute for the 1453 masks of ATLAS v3.0).
     """
+    from tqdm.auto import tqdm
+
     fractions = check_fractions(fractions)
     root = Path(bids_root).resolve()
     table = scan_table(root, include_failed=include_failed)
@@ -399,7 +403,8 @@ def make_split(bids_root: os.PathLike | str, *, seed: int = 0, fractions: Sequen
         "scan": table["scan"], "subject": table["participant_id"], "session": table["session_id"],
         "cohort": cohort.fillna(NO_COHORT).astype(str),
         "lesion_volume_mm3": [lesion_volume_mm3(m) if has else float("nan")
-                              for m, has in zip(table["mask"], table["has_mask"])],
+                              for m, has in tqdm(list(zip(table["mask"], table["has_mask"])), desc="lesion volumes",
+                                                 unit="scan", leave=False, disable=not progress)],
         "t1": table["t1"], "mask": table["mask"], "excluded": reason,
     })
     included = out["excluded"] == ""
@@ -496,6 +501,7 @@ def write_split(table: pd.DataFrame, path: os.PathLike | str) -> tuple[Path, Pat
         "tsv": tsv.name,
     }
     io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", js)
+    refresh_index(root, "split", tsv)   # the split made from this dataset joins its index page
     return tsv, js
 
 

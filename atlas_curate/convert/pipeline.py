@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import __version__, io, naming
 from ..executor import outcomes_table, run_map
+from ..index import refresh_index
 from .discover import ReleaseError, SourceScan, discover, find_metadata
 from .metadata import Metadata, column_sidecar, fixed_columns, load_metadata
 from .scan import ScanJob, convert_scan
@@ -192,4 +193,5 @@ def convert(source: os.PathLike | str, output: os.PathLike | str, *, metadata: o
     _write_tsv(rows, REPORT_COLUMNS, output / "conversion_report.tsv")
     timing = outcomes_table(outcomes)
     log.info("conversion timings:\n%s", timing.to_string(index=False))
+    refresh_index(output)
     return ConversionResult(output, flavour, report, meta.problems)

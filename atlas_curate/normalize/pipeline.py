@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import __version__, io, naming
 from ..executor import Skip, run_map
+from ..qc_decisions import with_recorded
 from ..templates import get_template, template_arrays
 from . import qc
 from .deface import deface
@@ -269,7 +270,8 @@ def _dataset_description(out: Path) -> None:
 
 def _earlier_rows(path: Path, *, done: set[str], present: set[str]) -> pd.DataFrame:
     """Rows of an earlier ``qc.tsv`` for scans this run did not touch (``--participant-label``) whose input
-    is still there, so that the table keeps covering the dataset and a QC failure is never forgotten."""
+    is still there, so that the table keeps covering the dataset and a QC failure is never forgotten. (The
+    rater's ``human_*`` columns of every scan still there are carried over by ``with_recorded``.)"""
     if not path.is_file():
         return pd.DataFrame(columns=QC_COLUMNS)
     earlier = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
@@ -317,8 +319,11 @@ def normalize(bids_root: os.PathLike | str, *, template: str = "mni2009", partic
     if len(earlier):
         table = pd.concat([table, earlier.reindex(columns=QC_COLUMNS)], ignore_index=True)
     table = table.sort_values("scan", kind="stable", ignore_index=True)
+    table = with_recorded(table, out / "qc.tsv")   # a rater's decisions (qc-apply) stay with their scans
     io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a"), out / "qc.tsv")
     from .report import write_report
 
     report = write_report(table, out)
+    from ..index import refresh_index
+    refresh_index(root)
     return NormalizeResult(out, table, report, sum(o.status == "skipped" for o in outcomes))

@@ -52,15 +52,25 @@ def scan_figure(t1: np.ndarray, defaced: np.ndarray, template: np.ndarray, brain
 
 
 def write_report(table: pd.DataFrame, out: Path) -> Path:
+    """``out/report.html``: the QC table, one figure per scan, and the controls with which a rater records
+    include / exclude decisions (downloaded as ``qc_decisions.tsv`` for ``qc-apply``; the ``human_*`` columns
+    of ``table``, when present, are shown preselected). The page needs no network (plain inline script)."""
     env = Environment(loader=FileSystemLoader(str(data_dir("templates"))), autoescape=select_autoescape(["html"]))
     rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
             for record in table.to_dict("records")]
+    for r in rows:   # a rater's decision (qc-apply) against the automatic verdict
+        r["overruled"] = (r.get("human_decision") in ("include", "exclude") and r.get("status") != "failed"
+                          and (r.get("human_decision") == "include") != (r.get("qc_pass") is True))
     counts = {
         "total": len(rows),
         "passed": sum(1 for r in rows if r.get("qc_pass") is True and r.get("status") != "failed"),
         "failed_qc": sum(1 for r in rows if r.get("qc_pass") is False and r.get("status") != "failed"),
         "errors": sum(1 for r in rows if r.get("status") == "failed"),
+        "include": sum(1 for r in rows if r.get("human_decision") == "include" and r.get("status") != "failed"),
+        "exclude": sum(1 for r in rows if r.get("human_decision") == "exclude" and r.get("status") != "failed"),
+        "overruled": sum(1 for r in rows if r["overruled"]),
     }
+    counts["decisions"] = counts["include"] + counts["exclude"]
     text = env.get_template("report.html").render(rows=rows, counts=counts, escape=html.escape)
     path = out / "report.html"
     io.write_text(text, path)

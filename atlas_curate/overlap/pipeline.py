@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__, dataset, io, naming
+from ..index import refresh_index
 from ..templates import get_template
 from . import figures, tables
 from .maps import (LESION_CHOICES, UNREADABLE_HEADER, ScanJob, ScanStats, accumulate, header_problem, probability,
@@ -87,6 +88,8 @@ def _category(reason: str) -> str:
         return "qc-failed"
     if reason.startswith("normalize failed"):
         return "normalize-failed"
+    if reason.startswith("excluded by rater"):
+        return "rater-excluded"
     return "missing"
 
 
@@ -340,6 +343,7 @@ def overlap_map(bids_root: os.PathLike | str, *, output: os.PathLike | str | Non
     _write_json(_sidecar(root, options, included, stats, excluded, files, max_fraction, peak, key),
                 files["sidecar"])
     _ignore_in_derivative(root, out)
+    refresh_index(root, "overlap", out)
     return OverlapResult(out, files, n, included, pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS),
                          written["table1"], written["table2"], written["disagreements"], written["lesions"],
                          max_fraction, peak, options)
