@@ -17,14 +17,14 @@ def _setup_logging(verbose: int) -> None:
 
 def _jobs_option(stage: str, what: str = "Worker processes"):
     """--jobs, by default every CPU this process may use, capped so each worker of ``stage`` has its memory."""
-    from .executor import WORKER_MEMORY_GIB, default_jobs
+    from . import executor
 
     def resolve(ctx, param, value):
-        return default_jobs(stage) if value is None else value
+        return executor.default_jobs(stage) if value is None else value
 
     return click.option("--jobs", "-j", default=None, type=click.IntRange(1), callback=resolve,
                         help=f"{what} [default: the CPUs this process may use (affinity and cgroup quota), at most "
-                             f"one per {WORKER_MEMORY_GIB[stage]:g} GiB of available memory].")
+                             f"one per {executor.WORKER_MEMORY_GIB[stage]:g} GiB of available memory].")
 
 
 def _executor_options(stage: str):
@@ -396,14 +396,18 @@ def agreement(masks, as_json, connectivity):
               help="native: an R1.1 ICPSR release (registration included); atlas2: an R2.0 release.")
 @click.option("--full", is_flag=True, help="The larger demo: 10 subjects and the full quick training preset "
                                           "(about 20 minutes on 2 cores instead of a few).")
+@click.option("--faults/--no-faults", default=None,
+              help="Add broken scans (truncated file, mask on another grid, empty mask, metadata row without a scan "
+                   "and the reverse) [default: only with --full].")
 @click.option("--no-train", is_flag=True, help="Stop after split (no training, evaluation or prediction).")
-def demo(out, subjects, seed, jobs, flavour, full, no_train):
+def demo(out, subjects, seed, jobs, flavour, full, faults, no_train):
     """Build a small synthetic release in OUT and run every stage on it (synth, bids-convert, normalize,
     overlap-map, split, train-baseline, evaluate, predict) with progress bars; prints the wall time of each
     stage and, last, the index page that links every output."""
     from .demo import run_demo
 
-    run_demo(out, subjects=subjects, seed=seed, jobs=jobs, flavour=flavour, train=not no_train, full=full)
+    run_demo(out, subjects=subjects, seed=seed, jobs=jobs, flavour=flavour, train=not no_train, full=full,
+             faults=faults)
 
 
 def run() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -190,10 +192,13 @@ def test_overlap_map_command_and_where_error(standard_release, tmp_path):
 @pytest.mark.slow
 def test_demo_atlas2_without_training(tmp_path):
     result = CliRunner().invoke(main, ["demo", str(tmp_path / "demo"), "--flavour", "atlas2", "--subjects", "5",
-                                       "--no-train"])
+                                       "--faults", "--no-train"])
     assert result.exit_code == 0, result.output
     for stage in ("synth", "bids-convert", "normalize", "overlap-map", "split"):
         assert f"[demo] {stage}" in result.output
+        assert re.search(rf"^ +{stage} +\d+\.\d s$", result.output, re.M), f"no wall time for {stage}"
+    index = tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "index.html"
+    assert result.output.strip().splitlines()[-1].endswith(str(index)) and index.is_file()
     assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "overlap" / "overlap_prob.nii.gz").is_file()
     assert (tmp_path / "demo" / "bids" / "derivatives" / "atlas-curate" / "split.tsv").is_file()
 

@@ -88,3 +88,44 @@ def test_run_map_dask():
         again = run_map(square, [4, 5], executor="dask", scheduler=cluster.scheduler_address, progress=False)
     _check(outcomes)
     assert [o.value for o in again] == [16, 25]
+
+
+def test_default_jobs_follows_affinity_and_memory(monkeypatch):
+    from atlas_curate import executor
+
+    monkeypatch.setattr(executor.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(executor, "available_memory", lambda: 64 * 2**30)
+    assert executor.usable_cpus() <= 8
+    cpus = executor.usable_cpus()             # 8, or fewer under a cgroup CPU quota
+    assert executor.default_jobs("normalize") == cpus
+    # 5 GiB free: two normalize workers of 2 GiB, but ten overlap workers of 0.5 GiB capped by the CPUs
+    monkeypatch.setattr(executor, "available_memory", lambda: 5 * 2**30)
+    assert executor.default_jobs("normalize") == min(cpus, 2)
+    assert executor.default_jobs("overlap-map") == min(cpus, 10)
+    # almost no memory, or a single allowed CPU: still one worker
+    monkeypatch.setattr(executor, "available_memory", lambda: 2**20)
+    assert executor.default_jobs("normalize") == 1
+    monkeypatch.setattr(executor.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(executor, "available_memory", lambda: None)
+    assert executor.default_jobs("synth") == 1
+
+
+def test_cli_jobs_default_and_explicit(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from atlas_curate import executor
+    from atlas_curate.cli import main
+
+    seen = {}
+
+    def fake_synthesize(out, **kwargs):
+        seen.update(kwargs)
+        return {"scans": {}}
+
+    monkeypatch.setattr("atlas_curate.synth.synthesize", fake_synthesize)
+    monkeypatch.setattr(executor, "default_jobs", lambda stage: 7 if stage == "synth" else 1)
+    assert CliRunner().invoke(main, ["synth", str(tmp_path / "a")]).exit_code == 0
+    assert seen["jobs"] == 7
+    assert CliRunner().invoke(main, ["synth", str(tmp_path / "b"), "--jobs", "1"]).exit_code == 0
+    assert seen["jobs"] == 1
+    assert "CPUs this process may use" in CliRunner().invoke(main, ["normalize", "--help"]).output
