@@ -41,7 +41,7 @@ FULL_SUBJECTS = 10
 DEMO_FRACTIONS = (0.6, 0.1, 0.3)
 
 #: Overrides of the ``quick`` preset for the default demo: 3 mm voxels, one stage of
-#: 16 epochs on 48³ crops (144 mm: most of the brain, so every batch holds plenty of lesion-free tissue). On
+#: 12 epochs on 48³ crops (144 mm: most of the brain, so every batch holds plenty of lesion-free tissue). On
 #: 2 cores it trains in about a minute and a half and reaches a test Dice near 0.7 on the demo's test scans,
 #: where an untrained network scores about 0.03 (``benchmarks/bench_demo.py`` measures both). It shows the
 #: pipeline working; it is not a model to keep (``demo --full`` runs the quick preset).
@@ -49,8 +49,8 @@ DEMO_TRAINING = {
     "voxel_size": 3,
     "lesion_crop_prob": 0.5,
     "stages": [
-        {"name": "zoom_in", "crop": [48, 48, 48], "epochs": 16, "lr": 3e-3, "restart_period": 16,
-         "batch_size": 2, "iterations_per_epoch": 8, "snapshot_epochs": [16]},
+        {"name": "zoom_in", "crop": [48, 48, 48], "epochs": 12, "lr": 3e-3, "restart_period": 12,
+         "batch_size": 2, "iterations_per_epoch": 8, "snapshot_epochs": [12]},
     ],
 }
 
