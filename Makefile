@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ install: $(VENV)/.all-installed
 demo: $(VENV)/.all-installed
 	$(BIN)/atlas-curate demo $(DEMO_OUT)
 
-test: $(VENV)/.all-installed
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+
+test: $(VENV)/.all-installed lint
 	sh scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -173,7 +173,8 @@ def qc_apply(decisions, bids_root):
 @_jobs_option("overlap-map")
 def overlap_map(bids_root, output, lesions, where_expr, include_failed, per_subject, jobs):
     """Probabilistic lesion overlap map, figures, dataset tables and per-lesion report."""
-    from .overlap import overlap_map as run_overlap, summary
+    from .overlap import overlap_map as run_overlap
+    from .overlap import summary
 
     result = run_overlap(bids_root, output=output, lesions=lesions, where=where_expr, include_failed=include_failed,
                          per_subject=per_subject, jobs=jobs)
@@ -248,7 +249,8 @@ def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, ov
 
     nnU-Net >= 2.8 copies splits_final.json to nnUNet_preprocessed/Dataset{ID:03d}_{NAME}/ itself and stops
     when an older, different copy is there: delete that copy after exporting a new split."""
-    from .export import export_nnunet as run_export, next_steps
+    from .export import export_nnunet as run_export
+    from .export import next_steps
 
     path = run_export(bids_root, splits, out, dataset_id=dataset_id, name=name, overwrite=overwrite,
                       link=not copy_files, seed=seed, jobs=jobs, progress=True)
@@ -366,7 +368,8 @@ def agreement(masks, as_json, connectivity):
     Every pair is compared; masks on different grids are an error (nothing is resampled). HD95 is the larger
     directed 95th percentile (Metrics Reloaded, MONAI), hd95_pooled MedPy's pooled one; lesions are
     6-connected as in the ATLAS 2022 challenge scorer unless --connectivity 26 (ISLES'22)."""
-    from .metrics import LESION_CONVENTIONS, agreement as compute
+    from .metrics import LESION_CONVENTIONS
+    from .metrics import agreement as compute
 
     if len(masks) < 2:
         raise click.UsageError("give at least two masks")

@@ -70,7 +70,8 @@ def _metadata(root: Path) -> pd.DataFrame:
         table = _read_tsv(path)
         table.insert(0, "participant_id", path.parent.name)
         sessions.append(table)
-    meta = pd.concat(sessions, ignore_index=True) if sessions else pd.DataFrame(columns=["participant_id", "session_id"])
+    meta = (pd.concat(sessions, ignore_index=True) if sessions
+            else pd.DataFrame(columns=["participant_id", "session_id"]))
     if participants is not None:
         extra = [c for c in participants.columns if c == "participant_id" or c not in meta.columns]
         meta = meta.merge(participants[extra], on="participant_id", how="outer")

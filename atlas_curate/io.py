@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, igzip_lib
 
-
 GRID_TOLERANCE_MM = 1e-3
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -86,13 +86,10 @@ def _truth_transform(truth_ras: np.ndarray, path: str) -> str:
 
 def _run(method: str, t1_path: str, lesion_path: str, queue, lesion_paths=None, truth_dseg=None) -> None:
     import ants
-    import nibabel as nib
 
     from atlas_curate.io import load_nifti
-    from atlas_curate.normalize.register import ants_affine_to_ras, register, to_ants
+    from atlas_curate.normalize.register import ants_affine_to_ras, register, to_ants, warm_up
     from atlas_curate.templates import get_template
-
-    from atlas_curate.normalize.register import warm_up
 
     t1 = load_nifti(t1_path)
     # one-off per process (a normalize worker pays it once, not per scan): template images and a ready
@@ -163,9 +160,9 @@ def main() -> int:
     parser.add_argument("--max-scans", type=int, default=None, help="only the first N scans of the release")
     args = parser.parse_args()
 
+    from atlas_curate.ids import ScanId
     from atlas_curate.io import load_nifti  # noqa: F401 - import check before forking
     from atlas_curate.naming import native_mask, native_t1
-    from atlas_curate.ids import ScanId
     from atlas_curate.synth import default_truth_dir, synthesize
 
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-norm-"))
@@ -202,7 +199,8 @@ def main() -> int:
         for method in ("ours",) + (() if args.skip_naive else ("naive",)):
             res = measure(method, t1, lesion, lesion_paths, str(truth_dseg) if truth_dseg.is_file() else None)
             mean, p95 = _errors(np.array(res["affine"]), true)
-            row.update({f"{method}_s": res["seconds"], f"{method}_setup_s": res["setup_s"], f"{method}_mb": res["peak_mb"],
+            row.update({f"{method}_s": res["seconds"], f"{method}_setup_s": res["setup_s"],
+                        f"{method}_mb": res["peak_mb"],
                         f"{method}_mean_mm": mean, f"{method}_p95_mm": p95,
                         f"{method}_min_dice": min(res["dice"].get("Smooth", []), default=float("nan"))})
             if res["stages"]:
@@ -226,7 +224,8 @@ def main() -> int:
               ", ".join(f"{k} {np.mean([s[k] for s in stages if s.get(k) is not None]):.2f}" for k in stages[0]))
     for (method, kind), scores in sorted(all_dice.items()):
         scores = np.array(scores)
-        print(f"lesion Dice, {method:8s} transform, {kind:6s} masks (template space, lesions >= 1 cm3, n={len(scores)}): "
+        print(f"lesion Dice, {method:8s} transform, {kind:6s} masks "
+              f"(template space, lesions >= 1 cm3, n={len(scores)}): "
               f"mean {scores.mean():.3f}, min {scores.min():.3f}, {np.mean(scores >= 0.95):.0%} >= 0.95")
     if not args.skip_naive:
         print(f"naive: {col('naive_s').mean():6.1f} s/scan, peak {col('naive_mb').max():.0f} MB, "

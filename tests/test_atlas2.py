@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from scipy import ndimage
+from test_convert import format_issues, read_report, read_tsv, tree_state, validation_errors
 
 from atlas_curate.cli import main
 from atlas_curate.convert import convert, detect_flavour, discover
@@ -29,8 +30,6 @@ from atlas_curate.ids import Atlas2ScanId, IdError
 from atlas_curate.synth import plan_release
 from atlas_curate.synth.release import render_scan, write_metadata
 from atlas_curate.templates import get_template
-
-from test_convert import format_issues, read_report, read_tsv, tree_state, validation_errors
 
 SPACE = "MNI152NLin2009aSym"
 TEMPLATE_SHAPE = (197, 233, 189)

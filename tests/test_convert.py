@@ -21,13 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import shared_fixture
 
 from atlas_curate.cli import main
 from atlas_curate.convert import convert
 from atlas_curate.convert.discover import ReleaseError
 from atlas_curate.io import read_mask
-
-from conftest import shared_fixture
 
 NATIVE_KEY = re.compile(r"^c(?P<cohort>\d{4})s(?P<subject>\d{4})t(?P<tp>\d{2})$")
 STANDARD_KEY = re.compile(r"^(?P<site>Site\d+)/(?P<subject>\d{6})/t(?P<tp>\d{2})$")
@@ -168,7 +167,8 @@ def validator() -> str:
         beside = Path(sys.executable).parent / "bids-validator-deno"
         found = str(beside) if beside.is_file() else None
     if not found:
-        pytest.skip("the official BIDS validator (bids-validator-deno) is not installed: pip install bids-validator-deno")
+        pytest.skip("the official BIDS validator (bids-validator-deno) is not installed: "
+                    "pip install bids-validator-deno")
     return found
 
 
@@ -266,7 +266,8 @@ def test_masks_equal_source_voxel_for_voxel(converted):
         smooth_sets = {ext: masks for (kind, ext), masks in sources.items() if kind == "Smooth"}
         assert smooth_sets, f"{key}: no LesionSmooth file in the release"
         t1 = nib.load(one(output_t1(output, sub, ses), f"{key} T1w"))
-        src_t1 = nib.load(next(p for p in scan_folder(root, key)[0].iterdir() if p.name.endswith("_t1w_deface_stx.nii.gz")
+        src_t1 = nib.load(next(p for p in scan_folder(root, key)[0].iterdir()
+                               if p.name.endswith("_t1w_deface_stx.nii.gz")
                                or p.name == f"{key}.nii.gz"))
         np.testing.assert_allclose(t1.affine, src_t1.affine, atol=1e-5, err_msg=f"{key}: T1 affine changed")
 
@@ -284,8 +285,9 @@ def test_masks_equal_source_voxel_for_voxel(converted):
         for ext, masks in smooth_sets.items():
             assert sorted(masks) == list(range(len(masks))), f"{key}: lesion indices {sorted(masks)}"
             union = np.logical_or.reduce([masks[i] for i in sorted(masks)])
-            assert np.array_equal(mask > 0, union), \
-                f"{key}: union mask differs from OR of LesionSmooth .{ext} in {np.count_nonzero((mask > 0) != union)} voxels"
+            assert np.array_equal(mask > 0, union), (
+                f"{key}: union mask differs from OR of LesionSmooth .{ext} in "
+                f"{np.count_nonzero((mask > 0) != union)} voxels")
             stack = np.stack([masks[i] for i in sorted(masks)])
             count = stack.sum(axis=0)
             first = np.argmax(stack, axis=0) + 1          # lowest lesion index covering the voxel

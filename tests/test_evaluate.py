@@ -16,8 +16,14 @@ from click.testing import CliRunner
 
 from atlas_curate import io, metrics
 from atlas_curate.cli import main
-from atlas_curate.evaluate import (evaluate, evaluate_predictions, find_bids_root, group_table, prediction_names,
-                                   size_quartiles)
+from atlas_curate.evaluate import (
+    evaluate,
+    evaluate_predictions,
+    find_bids_root,
+    group_table,
+    prediction_names,
+    size_quartiles,
+)
 from atlas_curate.templates import get_template
 
 

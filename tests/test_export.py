@@ -224,7 +224,8 @@ def test_existing_export_needs_overwrite_which_drops_stale_cases(tmp_path):
     export_nnunet(root, second, tmp_path / "out", overwrite=True)
     fresh = export_nnunet(root, second, tmp_path / "fresh")
     for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        assert sorted(p.name for p in (dataset / folder).iterdir()) == sorted(p.name for p in (fresh / folder).iterdir())
+        names = sorted(p.name for p in (dataset / folder).iterdir())
+        assert names == sorted(p.name for p in (fresh / folder).iterdir())
     assert (dataset / "splits_final.json").read_text() == (fresh / "splits_final.json").read_text()
 
 

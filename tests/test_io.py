@@ -9,10 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import shared_fixture
 
 from atlas_curate import io
 from atlas_curate.io import InputError, grid_difference, load_nifti, read_mask, save_nifti, voi_bytes
-from conftest import shared_fixture
 
 AFFINE = np.array([[-1.5, 0.0, 0.0, 30.0],
                    [0.0, 1.5, 0.0, -40.0],

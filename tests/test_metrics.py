@@ -8,15 +8,23 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_fixture  # noqa: E402  (tests/ is on sys.path under pytest)
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from atlas_curate import metrics
 from atlas_curate.io import InputError, read_mask, save_nifti
-from atlas_curate.metrics import (CHALLENGE_WINNER, SCAN_METRIC_KEYS, agreement, bootstrap_ci, lesion_wise,
-                                  micro_dsc, scan_metrics, summarize, surface_distances)
-
-from conftest import shared_fixture  # noqa: E402  (tests/ is on sys.path under pytest)
+from atlas_curate.metrics import (
+    CHALLENGE_WINNER,
+    SCAN_METRIC_KEYS,
+    agreement,
+    bootstrap_ci,
+    lesion_wise,
+    micro_dsc,
+    scan_metrics,
+    summarize,
+    surface_distances,
+)
 
 SHAPE = (20, 20, 20)
 

@@ -80,7 +80,8 @@ def test_lesions_land_on_truth(normalized):
         mask = np.asarray(nib.load(next(anat.glob("*_label-L_desc-T1lesion_mask.nii.gz"))).dataobj) > 0
         dseg = nib.load(next(anat.glob("*_desc-lesions_dseg.nii.gz")))
         assert set(np.unique(np.asarray(dseg.dataobj)).tolist()) <= set(range(0, 10))  # labels stay labels
-        ref = np.asarray(nib.load(base / "truth" / "masks" / f"{scan}_space-{SPACE}_desc-lesions_dseg.nii.gz").dataobj) > 0
+        truth_dseg = base / "truth" / "masks" / f"{scan}_space-{SPACE}_desc-lesions_dseg.nii.gz"
+        ref = np.asarray(nib.load(truth_dseg).dataobj) > 0
         dice = 2 * (mask & ref).sum() / (mask.sum() + ref.sum())
         assert dice >= 0.85, (scan, dice)
 
@@ -177,7 +178,8 @@ def test_crash_leaves_no_partial_output_and_rerun_matches(standard_bids, tmp_pat
         normalize(crashed, progress=False)
     leftovers = [p for p in crashed.rglob("*") if ".part" in p.name]
     assert not leftovers
-    assert not list((crashed / ".atlas-curate" / "normalize").glob("*.json")) if (crashed / ".atlas-curate" / "normalize").exists() else True
+    manifests = crashed / ".atlas-curate" / "normalize"
+    assert not list(manifests.glob("*.json")) if manifests.exists() else True
     monkeypatch.setattr(pipeline, "_save", real_save)
     normalize(crashed, progress=False)
     assert _hashes(crashed / "derivatives" / "atlas-curate") == _hashes(clean.output)

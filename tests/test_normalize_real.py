@@ -25,17 +25,15 @@ import tempfile
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import shared_fixture
 from scipy import ndimage
 
 from atlas_curate.normalize import qc
 from atlas_curate.normalize.deface import deface, face_mask
 from atlas_curate.normalize.pipeline import qc_of_transform
-from atlas_curate.normalize.register import (ants_affine_to_ras, register, template_images, to_ants,
-                                             write_ras_affine)
+from atlas_curate.normalize.register import ants_affine_to_ras, register, template_images, to_ants, write_ras_affine
 from atlas_curate.synth.scanner import random_spec, rotation, scan_head
 from atlas_curate.templates import get_template
-
-from conftest import shared_fixture
 
 pytestmark = pytest.mark.slow
 

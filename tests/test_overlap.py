@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from atlas_curate.anatomy import classify_lesion
-from atlas_curate.overlap import NoScansError, accumulate, overlap_map, read_scan, summary
 from atlas_curate.dataset import scan_table
+from atlas_curate.overlap import NoScansError, accumulate, overlap_map, read_scan, summary
 from atlas_curate.overlap.maps import ScanJob
 from atlas_curate.overlap.pipeline import select_scans
 from atlas_curate.templates import get_template

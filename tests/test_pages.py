@@ -22,8 +22,17 @@ from urllib.request import url2pathname
 
 import pytest
 
-from atlas_curate.index import (REGISTRY_FILE, conversion_verdict, overlap_verdict, qc_verdict, read_registry,
-                                refresh_index, register, run_verdict, write_index)
+from atlas_curate.index import (
+    REGISTRY_FILE,
+    conversion_verdict,
+    overlap_verdict,
+    qc_verdict,
+    read_registry,
+    refresh_index,
+    register,
+    run_verdict,
+    write_index,
+)
 
 DERIVATIVE = Path("derivatives") / "atlas-curate"
 

@@ -6,8 +6,14 @@ import ants
 import numpy as np
 import pytest
 
-from atlas_curate.normalize.register import (_syn_fit, ants_affine_to_ras, brain_points_lps, read_ants_affine,
-                                             template_images, write_ants_affine)
+from atlas_curate.normalize.register import (
+    _syn_fit,
+    ants_affine_to_ras,
+    brain_points_lps,
+    read_ants_affine,
+    template_images,
+    write_ants_affine,
+)
 
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -21,7 +21,7 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from atlas_curate.anatomy import classify_lesion
-from atlas_curate.ids import IdError, IndiScanId, ScanId
+from atlas_curate.ids import IndiScanId, ScanId
 from atlas_curate.io import InputError, grid_difference, load_nifti, read_mask
 from atlas_curate.synth import FAULT_KINDS, plan_release
 from atlas_curate.synth.release import render_scan, write_metadata
@@ -299,7 +299,8 @@ def test_native_metadata(native_release):
     for text in table["Subject ID"]:
         ScanId.parse(text)
     faults = _faults(native_release)
-    expected_ids = (set(native_release.truth["scans"]) - {faults["folder_without_row"]}) | {faults["row_without_folder"]}
+    expected_ids = ((set(native_release.truth["scans"]) - {faults["folder_without_row"]})
+                    | {faults["row_without_folder"]})
     assert set(table["Subject ID"]) == expected_ids
     rows = {r["Subject ID"]: r for _, r in table.iterrows()}
     assert _check_metadata_rows(rows, native_release) == len(expected_ids) - 1

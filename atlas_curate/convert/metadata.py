@@ -70,7 +70,8 @@ def read_table(path: Path) -> pd.DataFrame:
         if path.suffix.lower() in (".xlsx", ".xlsm"):
             table = pd.read_excel(path, dtype=object, engine="openpyxl")
         elif path.suffix.lower() in (".csv", ".tsv"):
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            sep = "\t" if path.suffix.lower() == ".tsv" else ","
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
         else:
             raise InputError(path, "metadata must be .xlsx, .csv or .tsv")
     except InputError:
@@ -88,7 +89,8 @@ def slug(name: str) -> str:
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and pd.isna(value)) or str(value).strip() in ("", "n/a", "NA", "nan")
+    return (value is None or (isinstance(value, float) and pd.isna(value))
+            or str(value).strip() in ("", "n/a", "NA", "nan"))
 
 
 def convert_value(value, spec: ColumnSpec):

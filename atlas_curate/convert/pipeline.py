@@ -6,7 +6,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -116,8 +115,8 @@ def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
         "DatasetLinks": {"raw": "../../"},
         "License": "Restricted: ATLAS data use agreement",
     }, derivative / "dataset_description.json")
-    io.write_text("ATLAS lesion derivatives\n\nHand-traced lesion masks of the ATLAS release, converted by atlas-curate "
-                  f"{__version__}: see the raw dataset's README two levels up.\n", derivative / "README")
+    io.write_text("ATLAS lesion derivatives\n\nHand-traced lesion masks of the ATLAS release, converted by "
+                  f"atlas-curate {__version__}: see the raw dataset's README two levels up.\n", derivative / "README")
 
 
 def _tables(output: Path, scans: list[SourceScan], written: set[str], metadata: Metadata, flavour: str) -> None:

@@ -243,7 +243,8 @@ def convert_scan(job: ScanJob) -> dict:
         override = volumes[0] < volumes[1]
 
     if not fatal and smooth:
-        t1_uri = _bids_uri(t1_out) if scan.flavour == "native" else f"bids::{t1_out.relative_to(naming.LESION_DERIVATIVE).as_posix()}"
+        t1_uri = (_bids_uri(t1_out) if scan.flavour == "native"
+                  else f"bids::{t1_out.relative_to(naming.LESION_DERIVATIVE).as_posix()}")
         dseg = _dseg(smooth, checks, "smoothed")
         space_note = "native (scanner) space of the T1w" if scan.flavour == "native" else TEMPLATE_SPACE
         common = {"Sources": [t1_uri], "SpatialReference": space_note if scan.flavour == "native" else None}
@@ -269,7 +270,8 @@ def convert_scan(job: ScanJob) -> dict:
                    "ReleaseFiles": [raw_src[i] for i in sorted(raw_src)]},
                   output / naming.sidecar(outputs["raw_mask"]))
             _save_label(raw_dseg, t1, output / outputs["raw_dseg"])
-            _json({**common, **DSEG_COLUMNS, "Description": "Unsmoothed hand tracings: 1 = primary, 2.. = secondary lesions",
+            _json({**common, **DSEG_COLUMNS,
+                   "Description": "Unsmoothed hand tracings: 1 = primary, 2.. = secondary lesions",
                    "ReleaseFiles": [raw_src[i] for i in sorted(raw_src)]},
                   output / naming.sidecar(outputs["raw_dseg"]))
             io.write_text(_dseg_table(raw, raw_src, voxel_mm3, "raw"), output / outputs["raw_dseg_tsv"])

@@ -6,8 +6,9 @@ per scan costs about 2 s (Python, ANTs), so a worker keeps one helper for all it
 (``register.HeadStage``).
 
 Protocol: one JSON request per line on stdin, ``{"fixed": PATH, "moving": PATH, "outprefix": PREFIX,
-"initial": PATH or null}`` (or ``{"ping": true}``, answered once the helper is ready); one JSON reply per line on the file descriptor given as the only argument,
-``{"ok": true, "seconds": S}`` or ``{"ok": false, "error": TEXT}``. The helper exits when stdin closes (its parent is gone).
+"initial": PATH or null}`` (or ``{"ping": true}``, answered once the helper is ready); one JSON reply per line
+on the file descriptor given as the only argument, ``{"ok": true, "seconds": S}`` or
+``{"ok": false, "error": TEXT}``. The helper exits when stdin closes (its parent is gone).
 Usage: ``python -m atlas_curate.normalize._headstage REPLY_FD``.
 """
 

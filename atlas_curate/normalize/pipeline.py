@@ -27,11 +27,12 @@ from ..qc_decisions import with_recorded
 from ..templates import get_template, template_arrays
 from . import qc
 from .deface import deface
-from .register import from_ants, register, template_images, to_ants, wm_peak
+from .register import register, template_images, to_ants, wm_peak
 
 SPACE = "MNI152NLin2009aSym"
 WM_TARGET = 100.0
-T1_NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)_(?:space-(?P<space>[A-Za-z0-9]+)_)?T1w\.nii\.gz$")
+T1_NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)_"
+                     r"(?:space-(?P<space>[A-Za-z0-9]+)_)?T1w\.nii\.gz$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def output_paths(subject: str, session: str) -> dict[str, Path]:
         "mask": base / naming.bids_path(subject, session, "mask", space=SPACE, label="L", desc="T1lesion"),
         "dseg": base / naming.bids_path(subject, session, "dseg", space=SPACE, desc="lesions"),
         "raw_mask": base / naming.bids_path(subject, session, "mask", space=SPACE, label="L", desc="T1lesionRaw"),
-        "xfm": base / naming.bids_path(subject, session, "xfm", ".mat", **{"from": "T1w", "to": SPACE, "mode": "image"}),
+        "xfm": base / naming.bids_path(subject, session, "xfm", ".mat",
+                                       **{"from": "T1w", "to": SPACE, "mode": "image"}),
         "figure": base / f"sub-{subject}" / "figures" / f"sub-{subject}_ses-{session}_desc-normalize_T1w.png",
     }
 
@@ -205,7 +207,8 @@ def normalize_scan(job: NormJob) -> dict:
         defaced = deface(standard) if job.deface else standard
 
         _save(defaced, tpl.affine, root / outputs["t1"], np.float32)
-        _json({"SkullStripped": False, "Defaced": job.deface, "Sources": [f"bids::{Path(job.t1).relative_to(root).as_posix()}"],
+        _json({"SkullStripped": False, "Defaced": job.deface,
+               "Sources": [f"bids::{Path(job.t1).relative_to(root).as_posix()}"],
                "SpatialReference": SPACE, "IntensityScale": f"white-matter peak inside the template brain (lesion "
                f"excluded) mapped to {WM_TARGET:g}; 0 stays 0", "WhiteMatterPeakNative": peak,
                "Description": "N4 bias-corrected, affinely registered, intensity-standardised"

@@ -432,7 +432,8 @@ class Registration:
     transform_file: str          # ANTs affine .mat (template -> native points, as ANTs stores it)
     affine_ras: np.ndarray       # native world RAS mm -> template world RAS mm
     corrected: ants.ANTsImage    # bias-corrected, robustly scaled native T1
-    seconds: dict = dataclasses.field(default_factory=dict)  # wall time of each step (head_stage: in its helper, alongside)
+    # wall time of each step (head_stage: in its helper, alongside)
+    seconds: dict = dataclasses.field(default_factory=dict)
 
 
 class _Clock:

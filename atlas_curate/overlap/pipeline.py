@@ -36,8 +36,16 @@ from .. import __version__, dataset, io, naming
 from ..index import refresh_index
 from ..templates import get_template
 from . import figures, tables
-from .maps import (LESION_CHOICES, UNREADABLE_HEADER, ScanJob, ScanStats, accumulate, header_problem, probability,
-                   template_grid)
+from .maps import (
+    LESION_CHOICES,
+    UNREADABLE_HEADER,
+    ScanJob,
+    ScanStats,
+    accumulate,
+    header_problem,
+    probability,
+    template_grid,
+)
 
 PER_SUBJECT_CHOICES = ("first", "all")
 OUTPUT_NAME = "overlap"

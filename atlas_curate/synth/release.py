@@ -31,9 +31,9 @@ import logging
 import os
 import re
 import zipfile
-from io import BytesIO
 from dataclasses import asdict, dataclass
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 
 import nibabel as nib
@@ -45,8 +45,16 @@ from ..executor import run_map, summarize
 from ..ids import Atlas2ScanId, IndiScanId, ScanId
 from ..templates import get_template
 from .head import head_model
-from .render import COHORTS, Cohort, describe_lesions, make_subject, native_grid, random_pose, render, \
-    smooth_mask, template_dseg
+from .render import (
+    COHORTS,
+    Cohort,
+    describe_lesions,
+    make_subject,
+    native_grid,
+    random_pose,
+    render,
+    template_dseg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +367,8 @@ def _deterministic_zip(blob: bytes) -> bytes:
         for info in src.infolist():
             data = src.read(info.filename)
             if info.filename == "docProps/core.xml":
-                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>" + FIXED_TIMESTAMP.encode(), data)
+                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>" + FIXED_TIMESTAMP.encode(),
+                              data)
             entry = zipfile.ZipInfo(info.filename, date_time=(2017, 11, 6, 0, 0, 0))
             entry.compress_type = zipfile.ZIP_DEFLATED
             entry.external_attr = info.external_attr

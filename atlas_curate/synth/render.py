@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from ..anatomy import classify_lesion, template_anatomy
 from ..templates import get_template
-from .head import Deformation, HeadModel, head_model, random_deformation, sample
+from .head import Deformation, HeadModel, head_model, random_deformation
 from .lesions import Lesion, lesion_volumes, place_lesions
 
 ORIENTATIONS = {"RAS": (1, 1, 1), "LAS": (-1, 1, 1), "LPS": (-1, -1, 1)}

@@ -4,7 +4,7 @@ Needs the optional ``torch`` dependency (``pip install atlas-curate[train]``); i
 torch, so ``atlas_curate`` and its CLI import it only inside the commands that train or predict.
 """
 
-from .config import TrainConfig, StageConfig, load_config, make_config, preset_config, save_config
+from .config import StageConfig, TrainConfig, load_config, make_config, preset_config, save_config
 from .loop import TrainResult, train
 
 __all__ = ["StageConfig", "TrainConfig", "TrainResult", "load_config", "make_config", "preset_config",

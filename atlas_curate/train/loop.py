@@ -48,8 +48,16 @@ from .. import __version__, io
 from ..index import refresh_index
 from .config import TrainConfig, load_config, make_config, save_config
 from .curve import curve_quietly
-from .data import (CropDataset, PreparedScan, check_images, data_fingerprint, geometry_of, prepare_scans,
-                   prob_to_box, read_split)
+from .data import (
+    CropDataset,
+    PreparedScan,
+    check_images,
+    data_fingerprint,
+    geometry_of,
+    prepare_scans,
+    prob_to_box,
+    read_split,
+)
 from .infer import MODEL_FILE, RUN_CONFIG, RUN_FILE, autocast, load_state, predict_volume, resolve_device
 from .model import bce_dice_loss, build_model
 
