@@ -1,6 +1,6 @@
 """The one place that builds and parses file names: the ATLAS releases' and BIDS's.
 
-Release layouts (see ATLAS-FACTS.md):
+Release layouts (docs/formats.md):
 
 * native (ICPSR R1.1): ``cXXXX/cXXXXsXXXXtXX/ID.nii.gz``, ``ID_LesionRaw[_k].voi``,
   ``ID_LesionSmooth[_k].voi``, ``ID_LesionSmooth[_k].nii.gz`` (k = 1.. secondaries);

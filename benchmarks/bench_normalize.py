@@ -4,7 +4,7 @@
 For each synthetic native scan (truth known):
 
 * ours:  ``atlas_curate.normalize.register.register`` (N4 on 4 mm inside a head mask, head stage,
-         a brain stage with lesion masking at 2 mm, the least-squares refinement through a 4 mm SyN);
+         brain rounds at 4 mm with lesion masking, the least-squares refinement through a 4 mm SyN);
 * naive: what a user would write: ``ants.n4_bias_field_correction(t1)`` (defaults, unmasked) then
          ``ants.registration(template_1mm, t1, type_of_transform='Affine')``.
 

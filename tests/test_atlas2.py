@@ -1,7 +1,7 @@
 """ATLAS R2.0: ``synth --flavour atlas2`` and its ``bids-convert`` reader.
 
 The synthetic release (conftest ``atlas2_release``: 6 subjects, seed 2, faults) is checked against the R2.0
-layout in ATLAS-FACTS.md and its truth folder; it is converted once per module and the output is checked
+layout in docs/formats.md and its truth folder; it is converted once per module and the output is checked
 with the official validator, pybids, and the test's own reading of the release files (never the converter's
 code). Small hand-made releases check the semantics that the generator does not exercise (26-connected
 components, strict IDs, a mask in a testing scan).

@@ -2,7 +2,7 @@
 
 Most tests read the session releases built once in conftest (``native_release``: 4 subjects, seed 3,
 faults; ``standard_release``: 3 subjects, seed 5, faults). Checks are made against the formats of the
-real release (ATLAS-FACTS.md) and against the truth folder, recomputed independently where possible.
+real release (docs/formats.md) and against the truth folder, recomputed independently where possible.
 """
 
 from __future__ import annotations

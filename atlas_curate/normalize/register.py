@@ -1,7 +1,7 @@
 """Brain-aware affine registration of a whole-head T1 to a skull-stripped template.
 
 A plain ``ants.registration(type_of_transform='Affine')`` of a head with scalp, skull and face to a
-skull-stripped template shrinks the head onto the brain (ATLAS-FACTS.md: scale ~0.8, 15 mm error on
+skull-stripped template shrinks the head onto the brain (docs/formats.md: scale ~0.8, 15 mm error on
 the real Colin27 head). Here registration is done in stages:
 
 1. head stage: the head (4 mm) is aligned to a *head-shaped* target, the template brain wrapped in a

@@ -1,6 +1,6 @@
 """Write a synthetic ATLAS release (R1.1 native ICPSR, R1.1 standard FCP-INDI, or R2.0 layout) and its truth.
 
-The release folder looks like the real one (see ATLAS-FACTS.md). Flavours:
+The release folder looks like the real one (see docs/formats.md). Flavours:
 
 * ``native``: scanner-space heads in posed, cohort-specific grids, MRIcron VOIs and NIfTI masks per lesion;
 * ``standard``: defaced heads already on the template grid (no pose), one NIfTI mask per lesion;
