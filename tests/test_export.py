@@ -437,7 +437,7 @@ def test_next_steps_give_the_commands_and_name_a_stale_preprocessed_split(tmp_pa
 
     result = CliRunner().invoke(main, ["export", "nnunet", str(root), str(split), str(raw)], env=env)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == next_steps(dataset, split, env=env)
+    assert result.stdout.splitlines() == next_steps(dataset, split, env=env)   # progress bars go to stderr
     assert f"WARNING: {copy} differs" in result.output
 
 

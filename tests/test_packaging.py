@@ -24,6 +24,15 @@ PROBE = ("import atlas_curate, sys; from atlas_curate.resources import data_dir;
          "print(atlas_curate.__file__); print(data_dir('templates')); print(data_dir('metadata'))")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _environment_keeps_its_install():
+    """No install here may touch the test environment's own atlas-curate (its console script included)."""
+    script = Path(sys.executable).with_name("atlas-curate")
+    before = script.exists()
+    yield
+    assert script.exists() == before, f"{script} was removed by an install in these tests"
+
+
 def test_every_subpackage_is_listed_in_setup_cfg():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
@@ -70,7 +79,8 @@ def test_wheel_in_a_fresh_venv(wheel, tmp_path):
     python = str(venv / "bin" / "python")
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     # install the wheel with this environment's pip into the fresh venv's site-packages
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)])
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--target", str(site),
+          str(wheel)])
     (site / "zz-test-deps.pth").write_text(DEPS + "\n")   # dependencies after the venv's own packages
     _check_install(python, dict(os.environ), site, tmp_path)
 
@@ -78,7 +88,9 @@ def test_wheel_in_a_fresh_venv(wheel, tmp_path):
 @pytest.mark.slow
 def test_pip_install_prefix(wheel, tmp_path):
     prefix = tmp_path / "prefix"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(prefix), str(wheel)])
+    # --ignore-installed: otherwise pip uninstalls the test environment's own atlas-curate first
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix", str(prefix),
+          str(wheel)])
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     assert (site / "atlas_curate" / "data" / "templates" / "qc.json").is_file()
     _check_install(sys.executable, {**os.environ, "PYTHONPATH": str(site)}, site, tmp_path)
@@ -87,7 +99,8 @@ def test_pip_install_prefix(wheel, tmp_path):
 @pytest.mark.slow
 def test_pip_install_target(wheel, tmp_path):
     target = tmp_path / "target"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)])
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--target", str(target),
+          str(wheel)])
     _check_install(sys.executable, {**os.environ, "PYTHONPATH": str(target)}, target, tmp_path)
 
 
@@ -99,8 +112,8 @@ def test_pip_install_user(wheel, tmp_path):
     env["PYTHONUSERBASE"] = str(userbase)
     if subprocess.run([base, "-m", "pip", "--version"], capture_output=True).returncode:
         pytest.skip(f"{base} has no pip for a --user install")
-    _run([base, "-m", "pip", "install", "--user", "--no-deps", "--break-system-packages", "-q", str(wheel)],
-         env=env)
+    _run([base, "-m", "pip", "install", "--user", "--no-deps", "--ignore-installed", "--break-system-packages", "-q",
+          str(wheel)], env=env)
     site = Path(_run([base, "-c", "import site; print(site.getusersitepackages())"], env=env).stdout.strip())
     assert (site / "atlas_curate" / "data" / "metadata" / "levels.json").is_file()
     # PYTHONPATH (the dependencies) comes first, but it holds no atlas_curate package: the test environment's
