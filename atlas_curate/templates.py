@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from . import io
+from .naming import TEMPLATE_KEY
 from .resources import data_dir
 
 
@@ -44,7 +46,7 @@ def registry() -> dict:
 
 
 @lru_cache(maxsize=None)
-def get_template(key: str = "mni2009") -> Template:
+def get_template(key: str = TEMPLATE_KEY) -> Template:
     """Resolve a registry key (e.g. ``mni2009``) or template name to local files; never downloads."""
     entries = registry()
     for entry_key, entry in entries.items():
@@ -60,7 +62,7 @@ def get_template(key: str = "mni2009") -> Template:
 
 
 @lru_cache(maxsize=4)
-def template_arrays(key: str = "mni2009") -> dict[str, np.ndarray]:
+def template_arrays(key: str = TEMPLATE_KEY) -> dict[str, np.ndarray]:
     """Template T1 (0..1), GM and WM probability (0..1) as float32 arrays, cached per process."""
     tpl = get_template(key)
     out = {}
@@ -69,3 +71,69 @@ def template_arrays(key: str = "mni2009") -> dict[str, np.ndarray]:
         arr.setflags(write=False)
         out[which] = arr
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class TemplateGrid:
+    """The template's voxel grid, the one every template-space image of every stage lies on: shape, affine
+    (both read from the template's header once), the header image and the template brain mask.
+
+    :meth:`check` is the single grid test (shape and affine within :data:`atlas_curate.io.GRID_TOLERANCE_MM`).
+    """
+
+    template: Template
+    header: nib.Nifti1Image = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.template.key
+
+    @property
+    def space(self) -> str:
+        return self.template.name
+
+    @cached_property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.header.shape[:3])
+
+    @cached_property
+    def affine(self) -> np.ndarray:
+        affine = np.array(self.header.affine, dtype=np.float64)
+        affine.setflags(write=False)
+        return affine
+
+    @cached_property
+    def voxel_mm3(self) -> float:
+        return io.voxel_volume(self.header)
+
+    @cached_property
+    def brain(self) -> np.ndarray:
+        """The template brain (template T1w > 0), read-only."""
+        brain = template_arrays(self.key)["T1w"] > 0
+        brain.setflags(write=False)
+        return brain
+
+    def problem(self, img) -> str | None:
+        """``None`` when ``img`` lies on this grid, else the reason (shape or affine)."""
+        return io.grid_difference(self.header, img)
+
+    def check(self, img, path, what: str = "", hint: str = "") -> None:
+        """Raise :class:`atlas_curate.io.InputError` naming ``path`` when ``img`` is not on this grid."""
+        problem = self.problem(img)
+        if problem:
+            raise io.InputError(path, f"{what + ' ' if what else ''}not on the {self.space} grid: {problem}{hint}")
+
+    def image(self, data: np.ndarray, dtype, *, xform_code: int = 4) -> nib.Nifti1Image:
+        """``data`` as a NIfTI image on this grid (sform and qform = the affine, ``xform_code``, units mm)."""
+        img = nib.Nifti1Image(np.asarray(data, dtype=dtype), self.affine)
+        img.set_sform(self.affine, code=xform_code)
+        img.set_qform(self.affine, code=xform_code)
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+
+@lru_cache(maxsize=4)
+def template_grid(key: str = TEMPLATE_KEY) -> TemplateGrid:
+    """The cached :class:`TemplateGrid` of a registry key (one header read per process)."""
+    template = get_template(key)
+    return TemplateGrid(template, nib.load(template.t1w))
