@@ -131,7 +131,8 @@ PIPELINE_DERIVATIVE = Path(spec()["datasets"]["pipeline"])
 STATE_DIR = Path(spec()["state_dir"])
 BIDS_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 SCAN_PREFIX = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?(?=_|\.|$)")
-BIDS_NAME = re.compile(r"^(?P<entities>(?:[A-Za-z0-9]+-[A-Za-z0-9]+_)*)(?P<suffix>[A-Za-z0-9]+)(?P<ext>(?:\.[A-Za-z0-9]+)+)$")
+BIDS_NAME = re.compile(r"^(?P<entities>(?:[A-Za-z0-9]+-[A-Za-z0-9]+_)*)(?P<suffix>[A-Za-z0-9]+)"
+                       r"(?P<ext>(?:\.[A-Za-z0-9]+)+)$")
 
 
 @dataclass(frozen=True)
