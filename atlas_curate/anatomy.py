@@ -3,7 +3,7 @@
 One definition, used both by the synthetic release (to fill its spreadsheet) and by the dataset
 tables (to recompute the spreadsheet's counts from the masks), so the two can be compared.
 
-Rules (MNI152NLin2009aSym millimetres, RAS: +x is the subject's right):
+Rules (template-space millimetres, RAS: +x is the subject's right):
 
 * hemisphere: sign of the lesion centroid's x (``Left`` if x < 0); ``Bilateral`` when at least
   20 % of the lesion lies on each side of the midline.
@@ -25,7 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .templates import get_template, template_arrays
+from .naming import TEMPLATE_KEY
+from .templates import template_arrays, template_grid
 
 DEEP_GREY_BOX = ((-33.0, 33.0), (-35.0, 28.0), (-12.0, 22.0))
 CORTICAL_MIN_VOXELS = 5
@@ -60,11 +61,11 @@ def deep_grey_region(x, y, z):
 
 
 @lru_cache(maxsize=2)
-def template_anatomy(key: str = "mni2009") -> Anatomy:
+def template_anatomy(key: str = TEMPLATE_KEY) -> Anatomy:
     arrays = template_arrays(key)
-    affine = get_template(key).affine
-    x, y, z = world_coords(arrays["T1w"].shape, affine)
-    brain = arrays["T1w"] > 0
+    grid = template_grid(key)
+    affine, brain = grid.affine, grid.brain
+    x, y, z = world_coords(grid.shape, affine)
     gm = arrays["GM"] >= 0.5
     tissue = (arrays["GM"] + arrays["WM"]) >= 0.5
     infra = infratentorial_region(x, y, z) & brain
@@ -92,7 +93,7 @@ class LesionAnatomy:
         }
 
 
-def classify_lesion(mask: np.ndarray, key: str = "mni2009") -> LesionAnatomy:
+def classify_lesion(mask: np.ndarray, key: str = TEMPLATE_KEY) -> LesionAnatomy:
     """Describe one lesion given as a boolean mask on the template grid."""
     anat = template_anatomy(key)
     if mask.shape != anat.brain.shape:
@@ -100,7 +101,7 @@ def classify_lesion(mask: np.ndarray, key: str = "mni2009") -> LesionAnatomy:
     return classify_voxels(np.argwhere(mask), key)
 
 
-def classify_voxels(idx: np.ndarray, key: str = "mni2009") -> LesionAnatomy:
+def classify_voxels(idx: np.ndarray, key: str = TEMPLATE_KEY) -> LesionAnatomy:
     """Describe one lesion given as its (n, 3) voxel indices on the template grid (the same rules as
     :func:`classify_lesion`, without a full-grid mask: cheap when a label image holds many lesions)."""
     anat = template_anatomy(key)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, naming
 
 
 def _setup_logging(verbose: int) -> None:
@@ -60,12 +60,12 @@ class _Labels(click.Option):
             option.process = process
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             help=f"Curate the ATLAS stroke-lesion MRI release: convert to BIDS, normalise to {naming.SPACE}, "
+                  "summarise lesions, and train and evaluate a segmentation baseline.")
 @click.version_option(__version__, prog_name="atlas-curate")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """Curate the ATLAS stroke-lesion MRI release: convert to BIDS, normalise to MNI152NLin2009aSym,
-    summarise lesions, and train and evaluate a segmentation baseline."""
     _setup_logging(verbose)
 
 
@@ -115,28 +115,28 @@ def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executo
         sys.exit(1)
 
 
-@main.command("normalize")
+@main.command("normalize", help=f"Normalise the T1w images of BIDS_ROOT (from bids-convert) to {naming.SPACE}.")
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
-@click.option("--template", default="mni2009", show_default=True, help="Template key from templates/registry.json.")
 @click.option("--participant-label", "participant_labels", cls=_Labels, multiple=True, metavar="LABEL [LABEL ...]",
               help="Only these subjects, with or without 'sub-' (--participant-label 01 02; put BIDS_ROOT first).")
 @_executor_options("normalize")
 @click.option("--no-deface", is_flag=True, help="Keep the face in the template-space T1w.")
 @click.option("--overwrite", is_flag=True, help="Redo scans that are already normalised.")
-def normalize_cmd(bids_root, template, participant_labels, jobs, executor, scheduler, no_deface, overwrite):
-    """Normalise the T1w images of BIDS_ROOT (from bids-convert) to MNI152NLin2009aSym."""
+def normalize_cmd(bids_root, participant_labels, jobs, executor, scheduler, no_deface, overwrite):
+    from . import tables
     from .normalize import normalize
 
-    result = normalize(bids_root, template=template, participant_labels=list(participant_labels) or None, jobs=jobs,
+    result = normalize(bids_root, participant_labels=list(participant_labels) or None, jobs=jobs,
                        executor=executor, scheduler=scheduler, deface=not no_deface, overwrite=overwrite)
     qc_table = result.qc
-    click.echo(f"{len(qc_table)} scans: {int((qc_table['qc_pass'] == True).sum())} passed QC, "  # noqa: E712
-               f"{int(((qc_table['qc_pass'] == False) & (qc_table['status'] != 'failed')).sum())} failed QC, "  # noqa: E712
+    verdicts = qc_table["qc_pass"].map(tables.as_bool)
+    click.echo(f"{len(qc_table)} scans: {int(verdicts.eq(True).sum())} passed QC, "
+               f"{int((verdicts.eq(False) & (qc_table['status'] != 'failed')).sum())} failed QC, "
                f"{result.n_failed} errors")
-    for _, row in qc_table.iterrows():
+    for (_, row), verdict in zip(qc_table.iterrows(), verdicts):
         if row["status"] == "failed":
             click.echo(f"  ERROR {row['scan']}: {row['error']}")
-        elif row["qc_pass"] is False or row["qc_pass"] == False:  # noqa: E712
+        elif verdict is False:
             click.echo(f"  QC FAIL {row['scan']}: {row['qc_reasons']}")
     click.echo(f"qc table: {result.output / 'qc.tsv'}")
     click.echo(f"report:   {result.report}")
@@ -170,14 +170,14 @@ def qc_apply(decisions, bids_root):
 @click.option("--include-failed", is_flag=True, help="Keep scans that failed registration QC.")
 @click.option("--per-subject", default="first", show_default=True, type=click.Choice(["first", "all"]),
               help="first: one scan per subject (its first session); all: every session.")
-@_jobs_option("overlap-map")
-def overlap_map(bids_root, output, lesions, where_expr, include_failed, per_subject, jobs):
+@_executor_options("overlap-map")
+def overlap_map(bids_root, output, lesions, where_expr, include_failed, per_subject, jobs, executor, scheduler):
     """Probabilistic lesion overlap map, figures, dataset tables and per-lesion report."""
     from .overlap import overlap_map as run_overlap
     from .overlap import summary
 
     result = run_overlap(bids_root, output=output, lesions=lesions, where=where_expr, include_failed=include_failed,
-                         per_subject=per_subject, jobs=jobs)
+                         per_subject=per_subject, jobs=jobs, executor=executor, scheduler=scheduler)
     click.echo(summary(result))
 
 
@@ -200,7 +200,7 @@ def split(bids_root, seed, fractions, folds, output, include_failed, keep_releas
 
     table = make_split(bids_root, seed=seed, fractions=parse_fractions(fractions), folds=folds,
                        include_failed=include_failed, keep_release_division=keep_release_division)
-    path = Path(output) if output else Path(bids_root) / "derivatives" / "atlas-curate" / "split.tsv"
+    path = Path(output) if output else Path(bids_root) / naming.PIPELINE_DERIVATIVE / "split.tsv"
     tsv, js = write_split(table, path)
     click.echo(balance_table(table).to_string())
     excluded = table[table["split"] == "excluded"]
@@ -228,8 +228,8 @@ def export():
               help="Replace a different dataset with this id in OUT: OUT/Dataset{ID:03d}_{NAME} holding another "
                    "export, or a Dataset{ID:03d}_* of another name (deleted). Exporting the same split again "
                    "needs no flag.")
-@_jobs_option("export")
-def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, overwrite, jobs):
+@_executor_options("export")
+def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, overwrite, jobs, executor, scheduler):
     """nnU-Net v2 raw dataset from a split. OUT is the nnUNet_raw folder itself: the export creates
     OUT/Dataset{ID:03d}_{NAME} (default OUT/Dataset501_ATLAS) inside it, with imagesTr/labelsTr (train and dev
     scans), imagesTs/labelsTs (test scans), dataset.json, splits_final.json, folds.json and cases.tsv. An OUT
@@ -253,7 +253,8 @@ def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, ov
     from .export import next_steps
 
     path = run_export(bids_root, splits, out, dataset_id=dataset_id, name=name, overwrite=overwrite,
-                      link=not copy_files, seed=seed, jobs=jobs, progress=True)
+                      link=not copy_files, seed=seed, jobs=jobs, executor=executor, scheduler=scheduler,
+                      progress=True)
     for line in next_steps(path, splits):
         click.echo(line)
 
@@ -305,9 +306,9 @@ _CONNECTIVITY_HELP = ("Lesion connectivity of the lesion-wise figures: 6 = the A
               help=_CONNECTIVITY_HELP)
 @click.option("--ensemble", is_flag=True, help="Snapshot ensemble (mean of the zoom-out snapshots).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@_jobs_option("evaluate", "Worker processes for the metrics")
+@_executor_options("evaluate")
 def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, connectivity, ensemble, device,
-             jobs):
+             jobs, executor, scheduler):
     """Score a split: DSC, HD, HD95, ASSD, TPR, precision, lesion-wise F1, count and volume differences,
     bootstrap CIs, per cohort and per lesion-size quartile.
 
@@ -323,7 +324,7 @@ def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, 
         from .evaluate import evaluate as run_evaluate
 
         result = run_evaluate(run_dir, split=split_arg or "test", ensemble=ensemble, device=device, jobs=jobs,
-                              connectivity=int(connectivity))
+                              executor=executor, scheduler=scheduler, connectivity=int(connectivity))
     else:
         if split_arg is None:
             raise click.UsageError("--predictions needs --split FILE (the split table from `split`)")
@@ -332,7 +333,8 @@ def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, 
         from .evaluate import evaluate_predictions
 
         result = evaluate_predictions(predictions, split_arg, split=subset, bids_root=bids_root, cases=cases,
-                                      output=output, jobs=jobs, connectivity=int(connectivity))
+                                      output=output, jobs=jobs, executor=executor, scheduler=scheduler,
+                                      connectivity=int(connectivity))
     click.echo(result.text())
 
 

@@ -4,11 +4,13 @@
 template-space T1w and lesion images, its QC verdict and its participant/session metadata. This module
 builds that table once, from files only:
 
-* template-space images come from the ``normalize`` derivative (``derivatives/atlas-curate``:
-  ``desc-preproc_T1w``, ``label-L_desc-T1lesion_mask``, ``desc-lesions_dseg``); a scan that was never
-  normalised but was converted from a standard-space archive (``derivatives/lesions`` in
-  ``space-MNI152NLin2009aSym``) uses those images directly (its QC is then ``n/a``);
-* QC comes from ``derivatives/atlas-curate/qc.tsv`` (``qc_pass``; a scan whose normalisation failed
+* scans are found in ``sub-*/ses-*/anat`` and, without a session, ``sub-*/anat`` (of the raw dataset, the
+  lesion derivative and the ``normalize`` derivative);
+* template-space images come from the ``normalize`` derivative (``derivatives/atlas-curate``: the naming spec's
+  ``preproc_t1w``, ``norm_mask``, ``norm_dseg``, ``norm_raw_mask``); a scan that was never normalised but was
+  converted from a standard-space archive (``derivatives/lesions`` in the template space: ``standard_t1w``,
+  ``lesion_mask``, ``lesion_dseg``, ``raw_mask``) uses those images directly (its QC is then ``n/a``);
+* QC comes from ``derivatives/atlas-curate/qc.tsv`` (``qc_pass``, ``true``/``false``; a scan whose normalisation failed
   or was flagged is excluded by default, with the reason). A rater's decision recorded there by
   ``qc-apply`` (``human_decision``, see :mod:`atlas_curate.qc_decisions`) overrules the automatic verdict:
   ``exclude`` excludes the scan (``excluded by rater <rater>: <note>``), ``include`` keeps a scan whose
@@ -16,7 +18,8 @@ builds that table once, from files only:
 * metadata from ``participants.tsv`` and every ``sub-*/sub-*_sessions.tsv`` (session columns win over
   participant columns of the same name).
 
-Columns: ``scan`` (``sub-X_ses-Y``), ``participant_id``, ``session_id``, ``subject``, ``session``,
+Columns: ``scan`` (``sub-X_ses-Y``, or ``sub-X`` without a session), ``participant_id``, ``session_id``,
+``subject``, ``session`` (missing without a session),
 ``t1``, ``mask``, ``dseg``, ``raw_mask`` (absolute paths or ``None``), ``native_mask``, ``native_dseg``
 (the converted native-space masks, for native volumes), ``source`` (``normalize`` | ``standard``),
 ``qc_pass`` (True/False/None), ``qc_reasons``, ``qc_decision`` (the rater's ``include`` / ``exclude``, or
@@ -32,25 +35,35 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import naming
+from . import naming, tables
+from .naming import ScanRef
 
-SPACE = "MNI152NLin2009aSym"
-_T1 = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)_space-" + SPACE
-                 + r"_(?:desc-preproc_)?T1w\.nii\.gz$")
 PATH_COLUMNS = ("t1", "mask", "dseg", "raw_mask", "native_mask", "native_dseg")
+#: The template-space images of a scan (column -> naming-spec key): normalize's, or a standard-space release's.
+NORMALIZED_IMAGES = {"t1": "preproc_t1w", "mask": "norm_mask", "dseg": "norm_dseg", "raw_mask": "norm_raw_mask"}
+STANDARD_IMAGES = {"t1": "standard_t1w", "mask": "lesion_mask", "dseg": "lesion_dseg", "raw_mask": "raw_mask"}
+NATIVE_IMAGES = {"native_mask": "lesion_mask", "native_dseg": "lesion_dseg"}
+SCAN_FOLDERS = ("sub-*/ses-*/anat", "sub-*/anat")
 
 
 def _existing(path: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def _template_images(base: Path, sub: str, ses: str, desc_t1: str | None) -> dict[str, str | None]:
-    return {
-        "t1": _existing(base / naming.bids_path(sub, ses, "T1w", space=SPACE, desc=desc_t1)),
-        "mask": _existing(base / naming.bids_path(sub, ses, "mask", space=SPACE, label="L", desc="T1lesion")),
-        "dseg": _existing(base / naming.bids_path(sub, ses, "dseg", space=SPACE, desc="lesions")),
-        "raw_mask": _existing(base / naming.bids_path(sub, ses, "mask", space=SPACE, label="L", desc="T1lesionRaw")),
-    }
+def _images(root: Path, scan: ScanRef, outputs: dict[str, str], space: str) -> dict[str, str | None]:
+    return {column: _existing(root / scan.path(key, space=space)) for column, key in outputs.items()}
+
+
+def _scans_in(base: Path, pattern: str) -> list[tuple[ScanRef, str]]:
+    """``(scan, file name)`` of the files matching ``pattern`` in the scan folders of ``base`` whose name
+    starts with the scan of their folder (``sub-X/ses-Y/anat/sub-X_ses-Y_*``, ``sub-X/anat/sub-X_*``)."""
+    found = []
+    for folder in SCAN_FOLDERS:
+        for path in sorted(base.glob(f"{folder}/{pattern}")):
+            scan = ScanRef.from_name(path.name)
+            if scan is not None and path.parent == base / scan.folder():
+                found.append((scan, path.name))
+    return found
 
 
 def _text(value) -> str:
@@ -58,16 +71,13 @@ def _text(value) -> str:
     return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
 
 
-def _read_tsv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-
-
 def _metadata(root: Path) -> pd.DataFrame:
-    """participants.tsv joined with every sessions.tsv: one row per (participant_id, session_id)."""
-    participants = _read_tsv(root / "participants.tsv") if (root / "participants.tsv").is_file() else None
+    """participants.tsv joined with every sessions.tsv: one row per (participant_id, session_id); a participant
+    without a sessions table has one row with no session (it joins the session-less scans)."""
+    participants = tables.read_tsv(root / "participants.tsv") if (root / "participants.tsv").is_file() else None
     sessions = []
     for path in sorted(root.glob("sub-*/sub-*_sessions.tsv")):
-        table = _read_tsv(path)
+        table = tables.read_tsv(path)
         table.insert(0, "participant_id", path.parent.name)
         sessions.append(table)
     meta = (pd.concat(sessions, ignore_index=True) if sessions
@@ -101,38 +111,30 @@ def scan_table(bids_root: os.PathLike | str, *, include_failed: bool = False) ->
         raise FileNotFoundError(f"{root}: not a folder")
     pipeline = root / naming.PIPELINE_DERIVATIVE
     lesions = root / naming.LESION_DERIVATIVE
-    keys: dict[tuple[str, str], dict] = {}
-    for path in sorted(root.glob("sub-*/ses-*/anat/sub-*_T1w.nii.gz")) + sorted(
-            lesions.glob("sub-*/ses-*/anat/sub-*_T1w.nii.gz")):
-        m = re.match(r"^sub-([A-Za-z0-9]+)_ses-([A-Za-z0-9]+)_", path.name)
-        if m:
-            keys.setdefault((m[1], m[2]), {})
-    for path in sorted(pipeline.glob("sub-*/ses-*/anat/*_T1w.nii.gz")):
-        m = _T1.match(path.name)
-        if m:
-            keys.setdefault((m["sub"], m["ses"]), {})
-    qc = _read_tsv(pipeline / "qc.tsv").set_index("scan") if (pipeline / "qc.tsv").is_file() else None
+    keys = {scan for base in (root, lesions) for scan, _ in _scans_in(base, "sub-*_T1w.nii.gz")}
+    for scan, name in _scans_in(pipeline, "*_T1w.nii.gz"):   # normalize's T1w, with or without desc-preproc
+        if name in (scan.path("preproc_t1w", space=naming.SPACE, desc=desc).name for desc in ("preproc", None)):
+            keys.add(scan)
+    qc = tables.read_tsv(pipeline / "qc.tsv").set_index("scan") if (pipeline / "qc.tsv").is_file() else None
 
     rows = []
-    for (sub, ses) in sorted(keys):
-        scan = f"sub-{sub}_ses-{ses}"
-        row: dict = {"scan": scan, "participant_id": f"sub-{sub}", "session_id": f"ses-{ses}", "subject": sub,
-                     "session": ses}
-        images = _template_images(pipeline, sub, ses, "preproc")
+    for ref in sorted(keys, key=lambda r: (r.sub, r.ses or "")):
+        scan = ref.key
+        row: dict = {"scan": scan, "participant_id": ref.participant_id, "session_id": ref.session_id,
+                     "subject": ref.sub, "session": ref.ses}
+        images = _images(root, ref, NORMALIZED_IMAGES, naming.SPACE)
         source = "normalize" if images["t1"] else None
         if source is None:
-            standard = _template_images(lesions, sub, ses, None)
+            standard = _images(root, ref, STANDARD_IMAGES, naming.SPACE)
             if standard["t1"]:
                 images, source = standard, "standard"
         row.update(images)
-        row["native_mask"] = _existing(lesions / naming.bids_path(sub, ses, "mask", space="orig", label="L",
-                                                                    desc="T1lesion"))
-        row["native_dseg"] = _existing(lesions / naming.bids_path(sub, ses, "dseg", space="orig", desc="lesions"))
+        row.update(_images(root, ref, NATIVE_IMAGES, naming.NATIVE_SPACE))
         row["source"] = source
         qc_pass, reasons, status, error, decision, rater, note = None, "", None, "", "", "", ""
         if qc is not None and scan in qc.index and source == "normalize":
             entry = qc.loc[scan]
-            qc_pass = {"True": True, "False": False}.get(str(entry.get("qc_pass")))
+            qc_pass = tables.as_bool(entry.get("qc_pass"))
             reasons = "" if pd.isna(entry.get("qc_reasons")) else str(entry.get("qc_reasons"))
             status = entry.get("status")
             error = "" if pd.isna(entry.get("error")) else str(entry.get("error"))
@@ -186,8 +188,11 @@ def where(table: pd.DataFrame, expression: str | None) -> pd.DataFrame:
         raise ValueError(f"--where {expression!r}: {exc}") from None
 
 
-def session_order(label: str) -> tuple:
-    """Sort key for session labels in natural order (``ses-2`` before ``ses-10``, ``ses-t01`` before ``ses-t02``)."""
+def session_order(label: str | None) -> tuple:
+    """Sort key for session labels in natural order (``ses-2`` before ``ses-10``, ``ses-t01`` before ``ses-t02``);
+    no session (a session-less scan) sorts first."""
+    if label is None or (not isinstance(label, str) and pd.isna(label)):
+        return ()
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
 
 

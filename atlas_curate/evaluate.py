@@ -14,9 +14,9 @@ the figures are directly comparable):
     ``cases`` when given, else the first ``cases.tsv`` found in the folder or a folder above it, else in or
     above the input folder that ``nnUNetv2_predict`` recorded in the folder's
     ``predict_from_raw_data_args.json``, see :func:`find_cases_table`), or
-  - is the scan name (``sub-X_ses-Y``), or a BIDS-style mask name of the scan (``sub-X_ses-Y[_...]_mask``,
-    as ``evaluate`` and ``predict`` write them; a ``space-`` entity other than MNI152NLin2009aSym is not
-    taken).
+  - is the scan name (``sub-X_ses-Y``, or ``sub-X`` without a session), or a BIDS-style mask name of the scan
+    (``sub-X[_ses-Y][_...]_mask``, as ``evaluate`` and ``predict`` write them; a ``space-`` entity other than
+    the template space is not taken).
 
   The folder is searched recursively. Every scan of the split must have exactly one prediction, readable and
   on the grid of its manual mask (shape, and affine within 1e-3 mm; nothing is resampled); otherwise nothing
@@ -55,14 +55,14 @@ unless ``output`` is given):
   difference and volume difference in voxels; the cohort and quartile tables are also printed;
 * ``dsc_vs_volume.png``: DSC against manual lesion volume (log x); scans with an empty mask are listed in
   the title instead (no place on a log axis);
-* a run's ``predictions/``: ``<scan>_space-MNI152NLin2009aSym_label-L_desc-ResUNet_mask.nii.gz`` (uint8) and
-  ``..._label-L_desc-ResUNet_probseg.nii.gz`` (float32 probabilities); for a folder of predictions,
+* a run's ``predictions/``: the naming spec's ``prediction_mask``
+  (``<scan>_space-<template>_label-L_desc-ResUNet_mask.nii.gz``, uint8) and ``prediction_probseg``
+  (``..._probseg.nii.gz``, float32 probabilities); for a folder of predictions,
   ``prediction_files.tsv``: every NIfTI file found, the scan it was taken for, or why it was not used.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -73,17 +73,16 @@ import pandas as pd
 
 from . import io, naming
 from .index import refresh_index
+from .naming import SPACE, ScanRef
+from .tables import read_json, read_tsv, write_json, write_tsv
 
-SPACE = "MNI152NLin2009aSym"
-DESC = "ResUNet"
+PREDICTION_OUTPUTS = {"mask": "prediction_mask", "probseg": "prediction_probseg"}   # kind -> naming-spec key
+FLOAT_FORMAT = "%.6g"
 SUMMARY_METRICS = ("dsc", "hd", "hd95", "hd95_pooled", "assd", "tpr", "precision", "volume_pred_mm3",
                    "volume_truth_mm3", "abs_volume_diff_mm3", "abs_volume_diff_voxels", "lesion_f1",
                    "lesion_count_diff")
 PRINTED_METRICS = ("dsc", "hd95", "hd95_pooled", "assd", "tpr", "precision", "lesion_f1", "lesion_count_diff",
                    "abs_volume_diff_voxels")
-SCAN_NAME = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?$")
-MASK_NAME = re.compile(r"^(?P<scan>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)(?P<rest>(?:_[^_]+)*)"
-                       r"_(?P<suffix>[A-Za-z0-9]+)$")
 NIFTI = re.compile(r"\.nii(?:\.gz)?$")
 GROUP_COLUMNS = ("cohort", "vascular_territory", "primary_lesion_location")
 META_COLUMNS = ("subject", "session", "cohort", "vascular_territory", "primary_lesion_location",
@@ -146,27 +145,26 @@ class EvalResult:
 
 
 def prediction_names(scan: str) -> dict[str, str]:
-    """BIDS-derivative file names of a scan's predicted mask and probability map (``scan`` is ``sub-X_ses-Y``)."""
-    match = SCAN_NAME.match(scan)
-    if match:
-        sub, ses = match["sub"], match["ses"]
-        return {"mask": naming.bids_name(sub, ses, "mask", ".nii.gz", space=SPACE, label="L", desc=DESC),
-                "probseg": naming.bids_name(sub, ses, "probseg", ".nii.gz", space=SPACE, label="L", desc=DESC)}
-    return {"mask": f"{scan}_space-{SPACE}_label-L_desc-{DESC}_mask.nii.gz",
-            "probseg": f"{scan}_space-{SPACE}_label-L_desc-{DESC}_probseg.nii.gz"}
+    """File names of a scan's predicted mask and probability map (naming spec ``prediction_mask`` and
+    ``prediction_probseg`` in the template space); ``scan`` is ``sub-X[_ses-Y]`` (another name is used as the
+    name's start)."""
+    try:
+        ref, start = ScanRef.parse(scan), None
+    except ValueError:
+        ref, start = ScanRef("scan"), scan
+    names = {kind: ref.path(output, space=SPACE).name for kind, output in PREDICTION_OUTPUTS.items()}
+    return names if start is None else {kind: start + name[len(ref.key):] for kind, name in names.items()}
 
 
-def save_prediction(prob: np.ndarray, threshold: float, affine: np.ndarray, paths: dict[str, Path]) -> np.ndarray:
-    """Write the mask (``prob >= threshold``, uint8) and the probabilities (float32); returns the mask."""
-    import nibabel as nib
+def save_prediction(prob: np.ndarray, threshold: float, paths: dict[str, Path]) -> np.ndarray:
+    """Write the mask (``prob >= threshold``) and the probabilities on the template grid, in the naming spec's
+    dtypes (uint8, float32); returns the mask."""
+    from .templates import template_grid
 
     mask = prob >= threshold
-    for key, data, dtype in (("mask", mask, np.uint8), ("probseg", prob, np.float32)):
-        img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-        img.set_sform(affine, code=4)
-        img.set_qform(affine, code=4)
-        img.header.set_xyzt_units("mm", "sec")
-        io.save_nifti(img, paths[key])
+    for kind, data in (("mask", mask), ("probseg", prob)):
+        dtype = naming.output_spec(PREDICTION_OUTPUTS[kind])["dtype"]
+        io.save_nifti(template_grid().image(data, dtype), paths[kind])
     return mask
 
 
@@ -248,15 +246,17 @@ def _one_two_five(value: float, _position=None) -> str:
 
 
 def dsc_volume_figure(scans: pd.DataFrame, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """DSC against manual lesion volume: a :class:`matplotlib.figure.Figure` drawn with the Agg canvas (no
+    pyplot), saved without the ``Software`` tag."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     shown = scans[scans["volume_truth_mm3"] > 0]
     empty = scans[~(scans["volume_truth_mm3"] > 0)]
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for quartile, group in shown.groupby("size_quartile"):
         ax.scatter(group["volume_truth_mm3"] / 1000.0, group["dsc"], s=22, label=str(quartile), alpha=0.85)
     ax.set_xscale("log")
@@ -274,7 +274,6 @@ def dsc_volume_figure(scans: pd.DataFrame, path: Path, title: str) -> Path:
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
     return path
 
 
@@ -286,9 +285,9 @@ def _metadata(bids_root: Path, scans: list[str]) -> pd.DataFrame:
     return table[table["scan"].isin(scans)][columns]
 
 
-def _write_tsv(table: pd.DataFrame, path: Path, connectivity: int) -> Path:
-    table = table.assign(**{CONNECTIVITY_COLUMN: int(connectivity)})
-    return io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"), path)
+def _save_table(table: pd.DataFrame, path: Path, connectivity: int) -> Path:
+    """``table`` with its ``lesion_connectivity`` column, as TSV."""
+    return write_tsv(table.assign(**{CONNECTIVITY_COLUMN: int(connectivity)}), path, float_format=FLOAT_FORMAT)
 
 
 def _finite(value):
@@ -321,14 +320,15 @@ def _with_metadata(rows: pd.DataFrame, bids_root: Path | None) -> pd.DataFrame:
 
 def _score(rows: pd.DataFrame, predictions: list[str], records: list[dict], out: Path, *, file_columns: list[str],
            doc: dict, title: str, jobs: int, progress: bool, n_resamples: int, seed: int, connectivity: int,
-           notes: list[str] | None = None) -> EvalResult:
+           executor: str, scheduler: str | None, notes: list[str] | None = None) -> EvalResult:
     """Score ``predictions`` (one mask file per row of ``rows``) and write every table, the JSON and the figure."""
     from .executor import run_map
     from .metrics import CHALLENGE_WINNER, LESION_CONVENTIONS, micro_dsc, summarize
 
     jobs_list = [MetricJob(row["scan"], prediction, row["mask"], connectivity)
                  for row, prediction in zip(rows.to_dict("records"), predictions)]
-    outcomes = run_map(score_scan, jobs_list, key=lambda j: j.scan, jobs=jobs, desc="metrics", progress=progress)
+    outcomes = run_map(score_scan, jobs_list, key=lambda j: j.scan, jobs=jobs, executor=executor, scheduler=scheduler,
+                       desc="metrics", progress=progress)
     failed = [o for o in outcomes if not o.ok]
     if failed:
         raise RuntimeError("scoring failed: " + "; ".join(f"{o.key}: {o.reason}" for o in failed))
@@ -338,14 +338,14 @@ def _score(rows: pd.DataFrame, predictions: list[str], records: list[dict], out:
 
     summary = summarize(scans, list(SUMMARY_METRICS), n_resamples=n_resamples, seed=seed)
     micro = micro_dsc(scans)
-    tables = {"scans": _write_tsv(scans, out / "scans.tsv", connectivity),
-              "summary": _write_tsv(summary, out / "summary.tsv", connectivity)}
+    tables = {"scans": _save_table(scans, out / "scans.tsv", connectivity),
+              "summary": _save_table(summary, out / "summary.tsv", connectivity)}
     groups = {"size_quartile": group_table(scans, "size_quartile").rename(columns={"size_quartile": "quartile"})}
-    tables["by_size_quartile"] = _write_tsv(groups["size_quartile"], out / "by_size_quartile.tsv", connectivity)
+    tables["by_size_quartile"] = _save_table(groups["size_quartile"], out / "by_size_quartile.tsv", connectivity)
     for column in GROUP_COLUMNS:
         if column in scans.columns:
             groups[column] = group_table(scans, column)
-            tables[f"by_{column}"] = _write_tsv(groups[column], out / f"by_{column}.tsv", connectivity)
+            tables[f"by_{column}"] = _save_table(groups[column], out / f"by_{column}.tsv", connectivity)
     means = summary.set_index("metric")["mean"]
     doc = {
         **doc,
@@ -365,20 +365,11 @@ def _score(rows: pd.DataFrame, predictions: list[str], records: list[dict], out:
         {metric: {"ours_mean": _finite(float(means.get(metric, np.nan))), "winner": value}
          for metric, value in CHALLENGE_WINNER.items()},
     }
-    tables["summary_json"] = io.write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n",
-                                           out / "summary.json")
+    tables["summary_json"] = write_json(doc, out / "summary.json")
     title = (f"{title}: mean DSC {means.get('dsc', np.nan):.3f}, micro DSC {micro:.3f}, n = {len(scans)}, "
              f"{connectivity}-connected lesions")
     figure = dsc_volume_figure(scans, out / "dsc_vs_volume.png", title)
     return EvalResult(out, scans, summary, micro, tables, figure, connectivity, groups, list(notes or []))
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return _finite(float(value))
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _check_connectivity(connectivity: int) -> int:
@@ -390,37 +381,37 @@ def _check_connectivity(connectivity: int) -> int:
 
 def evaluate(run_dir: os.PathLike | str, *, split: str = "test", ensemble: bool = False, jobs: int = 1,
              device: str = "auto", progress: bool = True, n_resamples: int = 1000, seed: int = 0,
-             connectivity: int = 6) -> EvalResult:
-    """Segment and score the ``split`` scans of a training run; see the module docstring."""
+             connectivity: int = 6, executor: str = "local", scheduler: str | None = None) -> EvalResult:
+    """Segment and score the ``split`` scans of a training run; see the module docstring. The scans are
+    segmented here; the scoring runs on ``jobs`` local worker processes, or with ``executor="dask"`` on the
+    Dask cluster at ``scheduler``."""
     from tqdm.auto import tqdm
 
-    from .train.data import nib_template, read_split, template_affine
+    from .templates import template_grid
+    from .train.data import read_split
     from .train.infer import RUN_FILE, load_segmenter
 
     connectivity = _check_connectivity(connectivity)
     run_dir = Path(run_dir).resolve()
     if not (run_dir / RUN_FILE).is_file():
         raise io.InputError(run_dir / RUN_FILE, "not a training run folder (run.json missing)")
-    run = json.loads((run_dir / RUN_FILE).read_text())
+    run = read_json(run_dir / RUN_FILE)
     bids_root = Path(run["bids_root"])
     table = read_split(run["splits"], bids_root)
     rows = _chosen_rows(table, split, run.get("fold"), run["splits"])
     segmenter = load_segmenter(run_dir, ensemble=ensemble, device=device)
     out = run_dir / f"eval-{split}{'-ensemble' if ensemble else ''}"
-    affine = template_affine()
-    template = nib_template()
+    grid = template_grid()
     rows = _with_metadata(rows, bids_root)
 
     predictions, records = [], []
     for row in tqdm(rows.to_dict("records"), desc="predict", disable=not progress):
         t1_img = io.load_nifti(row["t1"])
-        problem = io.grid_difference(template, t1_img)
-        if problem:
-            raise io.InputError(row["t1"], f"not on the {SPACE} grid: {problem}")
+        grid.check(t1_img, row["t1"])
         prob = segmenter.probability(np.asarray(t1_img.dataobj, dtype=np.float32))
         names = prediction_names(row["scan"])
         paths = {k: out / "predictions" / v for k, v in names.items()}
-        save_prediction(prob, segmenter.config.threshold, affine, paths)
+        save_prediction(prob, segmenter.config.threshold, paths)
         predictions.append(str(paths["mask"]))
         records.append({**{k: row.get(k) for k in ("scan", *META_COLUMNS) if k in row},
                         "mask_file": paths["mask"].relative_to(out).as_posix(),
@@ -430,7 +421,7 @@ def evaluate(run_dir: os.PathLike | str, *, split: str = "test", ensemble: bool 
     title = f"{split}{' (snapshot ensemble)' if ensemble else ''}"
     result = _score(rows, predictions, records, out, file_columns=["mask_file", "probseg_file"], doc=doc,
                     title=title, jobs=jobs, progress=progress, n_resamples=n_resamples, seed=seed,
-                    connectivity=connectivity)
+                    connectivity=connectivity, executor=executor, scheduler=scheduler)
     refresh_index(bids_root, "run", run_dir)   # the page lists the run's eval-* folders
     return result
 
@@ -468,7 +459,7 @@ def find_cases_table(predictions: os.PathLike | str) -> Path | None:
     if found is not None:
         return found
     try:
-        args = json.loads((folder / NNUNET_PREDICT_ARGS).read_text())
+        args = read_json(folder / NNUNET_PREDICT_ARGS)
         source = args.get("list_of_lists_or_source_folder")
     except (OSError, ValueError, AttributeError):
         return None
@@ -484,7 +475,7 @@ def read_cases(path: os.PathLike | str) -> dict[str, str]:
     if not path.is_file():
         raise io.InputError(path, "cases table not found")
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        table = read_tsv(path)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise io.InputError(path, f"not a readable TSV ({exc})") from exc
     missing = [c for c in ("case", "scan") if c not in table.columns]
@@ -498,6 +489,16 @@ def read_cases(path: os.PathLike | str) -> dict[str, str]:
 
 def _nifti_stem(name: str) -> str:
     return NIFTI.sub("", name)
+
+
+def _scan_file(stem: str, ref: ScanRef | None) -> tuple[str, list[str], str] | None:
+    """``(scan, middle parts, suffix)`` of a name ``sub-X[_ses-Y][_part...]_suffix`` (without extension) whose
+    scan prefix is ``ref``."""
+    rest = stem[len(ref.key):] if ref is not None else ""
+    if not rest.startswith("_"):
+        return None
+    *parts, suffix = rest[1:].split("_")
+    return (ref.key, parts, suffix) if all(parts) and naming.BIDS_LABEL.match(suffix) else None
 
 
 def match_predictions(folder: os.PathLike | str, scans: list[str], cases: dict[str, str] | None = None, *,
@@ -517,19 +518,20 @@ def match_predictions(folder: os.PathLike | str, scans: list[str], cases: dict[s
     for path in files:
         stem = _nifti_stem(path.name)
         case, scan, reason = None, None, ""
-        match = MASK_NAME.match(stem)
+        ref = ScanRef.from_name(stem)
+        named = _scan_file(stem, ref)
         if stem in cases:
             case, scan = stem, cases[stem]
-        elif SCAN_NAME.match(stem):
+        elif ref is not None and ref.key == stem:
             scan = stem
-        elif match and match["suffix"] == "mask":
-            spaces = [part[len("space-"):] for part in match["rest"].split("_") if part.startswith("space-")]
+        elif named and named[2] == "mask":
+            spaces = [part[len("space-"):] for part in named[1] if part.startswith("space-")]
             if spaces and spaces[-1] != SPACE:
                 reason = f"space-{spaces[-1]}: not the {SPACE} grid of the manual masks"
             else:
-                scan = match["scan"]
-        elif match:
-            reason = f"not a mask (suffix _{match['suffix']})"
+                scan = named[0]
+        elif named:
+            reason = f"not a mask (suffix _{named[2]})"
         else:
             reason = ("name is neither a case id of the cases table nor sub-<label>[_ses-<label>][_...]_mask"
                       if cases else "name is not sub-<label>[_ses-<label>][_...]_mask and there is no cases table "
@@ -581,13 +583,15 @@ def _header_problem(prediction: Path, truth: str) -> str | None:
 def evaluate_predictions(predictions: os.PathLike | str, split_file: os.PathLike | str, *, split: str = "test",
                          bids_root: os.PathLike | str | None = None, cases: os.PathLike | str | None = None,
                          output: os.PathLike | str | None = None, jobs: int = 1, progress: bool = True,
-                         n_resamples: int = 1000, seed: int = 0, connectivity: int = 6) -> EvalResult:
+                         n_resamples: int = 1000, seed: int = 0, connectivity: int = 6, executor: str = "local",
+                         scheduler: str | None = None) -> EvalResult:
     """Score a folder of predicted masks (any model's) against the manual masks of a split's ``split`` scans.
 
     Same metrics, summaries and tables as :func:`evaluate`; see the module docstring for how files are
     matched to scans and where the BIDS root and ``cases.tsv`` are looked for. Any scan without exactly one
     usable prediction raises :class:`~atlas_curate.io.InputError` naming every such file or scan with the
-    reason (after writing ``prediction_files.tsv``); nothing is scored then."""
+    reason (after writing ``prediction_files.tsv``); nothing is scored then. The scoring runs on ``jobs`` local
+    worker processes, or with ``executor="dask"`` on the Dask cluster at ``scheduler``."""
     from .split import load_split
 
     connectivity = _check_connectivity(connectivity)
@@ -616,7 +620,7 @@ def evaluate_predictions(predictions: os.PathLike | str, split_file: os.PathLike
         if problem:
             problems.append((str(path), problem))
             report.loc[report["file"] == path.relative_to(folder).as_posix(), ["used", "reason"]] = [False, problem]
-    report_path = _write_tsv(report, out / "prediction_files.tsv", connectivity)
+    report_path = _save_table(report, out / "prediction_files.tsv", connectivity)
     if problems:
         shown = "; ".join(f"{what}: {why}" for what, why in problems[:20])
         more = f"; ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -637,6 +641,6 @@ def evaluate_predictions(predictions: os.PathLike | str, split_file: os.PathLike
            "n_files_ignored": ignored}
     result = _score(rows, files, records, out, file_columns=["prediction_file"], doc=doc,
                     title=f"{split} ({folder.name})", jobs=jobs, progress=progress, n_resamples=n_resamples,
-                    seed=seed, connectivity=connectivity, notes=notes)
+                    seed=seed, connectivity=connectivity, executor=executor, scheduler=scheduler, notes=notes)
     refresh_index(root, "evaluation", out)   # on the page of the split's dataset, when one was found
     return result

@@ -1,13 +1,18 @@
 """Map a per-scan function over scans: in-process, a local process pool, or a Dask cluster.
 
 The per-scan function must be a picklable top-level function of one item. It returns a value
-(``ok``), raises :class:`Skip` (``skipped`` with the reason) or raises anything else (``failed``
-with the reason). A failure never stops the other items; the caller gets one :class:`Outcome`
-per item, in input order, and decides the exit status.
+(``ok``), raises :class:`Skip` (``skipped`` with the reason), :class:`Failed` (``failed`` with exactly
+its reason) or anything else (``failed`` with the exception type and message). A failure never stops
+the other items; the caller gets one :class:`Outcome` per item and decides the exit status.
+
+:func:`run_stream` is the one executor: it yields the outcomes as the items finish, with at most
+``in_flight`` items submitted at once (the items are drawn from their iterable only as room frees up),
+so that memory stays bounded whatever the number of scans. :func:`run_map` collects them in input order.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -15,7 +20,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -94,6 +99,11 @@ class Skip(Exception):
         self.value = value
 
 
+class Failed(Exception):
+    """Raised by a per-scan function to fail its item with exactly this reason (no exception type prefixed),
+    e.g. a reason already naming the file at fault."""
+
+
 @dataclass
 class Outcome:
     key: str
@@ -113,6 +123,8 @@ def _run_one(func: Callable[[Any], Any], item: Any, key: str) -> Outcome:
         value = func(item)
     except Skip as skip:
         return Outcome(key, "skipped", str(skip), time.perf_counter() - start, skip.value)
+    except Failed as failed:
+        return Outcome(key, "failed", str(failed), time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reported outcome
         log.debug("%s failed:\n%s", key, traceback.format_exc())
         reason = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
@@ -120,83 +132,125 @@ def _run_one(func: Callable[[Any], Any], item: Any, key: str) -> Outcome:
     return Outcome(key, "ok", "", time.perf_counter() - start, value)
 
 
-def run_map(
-    func: Callable[[Any], Any],
-    items: Iterable[Any],
-    *,
-    key: Callable[[Any], str] = str,
-    jobs: int = 1,
-    executor: str = "local",
-    scheduler: str | None = None,
-    desc: str = "scans",
-    progress: bool = True,
-) -> list[Outcome]:
-    """Apply ``func`` to every item and return outcomes in input order.
-
-    ``executor='local'`` uses ``jobs`` worker processes (``jobs=1``: in this process).
-    ``executor='dask'`` submits to the Dask scheduler at ``scheduler`` (e.g. ``tcp://host:8786``,
-    or a ``dask_jobqueue`` cluster's address); the workers need atlas-curate installed.
-    """
+def run_map(func: Callable[[Any], Any], items: Iterable[Any], *, key: Callable[[Any], str] = str, jobs: int = 1,
+            executor: str = "local", scheduler: str | None = None, desc: str = "scans", progress: bool = True,
+            in_flight: int | None = None) -> list[Outcome]:
+    """Apply ``func`` to every item and return outcomes in input order (:func:`run_stream`, collected)."""
     items = list(items)
     keys = [key(item) for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError("run_map needs unique keys")
-    bar = tqdm(total=len(items), desc=desc, unit="scan", disable=not progress or not items,
-               leave=False, dynamic_ncols=True)
-    try:
-        if executor == "dask":
-            results = _run_dask(func, items, keys, scheduler, bar)
-        elif executor == "local":
-            if jobs <= 1 or len(items) <= 1:
-                results = {}
-                for item, k in zip(items, keys):
-                    results[k] = _run_one(func, item, k)
-                    bar.update()
-            else:
-                results = _run_pool(func, items, keys, jobs, bar)
-        else:
-            raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
-    finally:
-        bar.close()
+    results = {o.key: o for o in run_stream(func, items, key=key, jobs=jobs, executor=executor, scheduler=scheduler,
+                                            desc=desc, progress=progress, in_flight=in_flight)}
     return [results[k] for k in keys]
 
 
-def _run_pool(func, items, keys, jobs, bar) -> dict[str, Outcome]:
-    results: dict[str, Outcome] = {}
+def run_stream(func: Callable[[Any], Any], items: Iterable[Any], *, key: Callable[[Any], str] = str, jobs: int = 1,
+               executor: str = "local", scheduler: str | None = None, desc: str = "scans", progress: bool = True,
+               in_flight: int | None = None) -> Iterator[Outcome]:
+    """Apply ``func`` to every item and yield each :class:`Outcome` as soon as its item finishes.
+
+    At most ``in_flight`` items (default ``2 * jobs``; for Dask at least twice the cluster's worker threads)
+    are submitted and not yet yielded at any time: ``items`` is drawn lazily, so a generator of items keeps
+    memory bounded. ``executor='local'`` uses ``jobs`` worker processes (``jobs=1``, or a single item: in this
+    process, in input order). ``executor='dask'`` submits to the Dask scheduler at ``scheduler`` (e.g.
+    ``tcp://host:8786``, or a ``dask_jobqueue`` cluster's address); the workers need atlas-curate installed.
+    Keys must be unique (a repeated key raises ``ValueError`` when it is reached).
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
+    if executor == "dask" and not scheduler:
+        raise ValueError("--executor dask needs --scheduler ADDRESS (e.g. tcp://127.0.0.1:8786)")
+    if in_flight is not None and in_flight < 1:
+        raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+    jobs = max(1, int(jobs))
+    total = len(items) if isinstance(items, Sized) else None
+    pending = _keyed(items, key)
+    if executor == "dask":
+        stream = _stream_dask(func, pending, scheduler, jobs, in_flight)
+    elif jobs == 1 or (total is not None and total <= 1):
+        stream = (_run_one(func, element, k) for element, k in pending)
+    else:
+        stream = _stream_pool(func, pending, jobs, in_flight or 2 * jobs)
+    return _with_bar(stream, total=total, desc=desc, disable=not progress or total == 0)
+
+
+def _with_bar(stream: Iterator[Outcome], **options) -> Iterator[Outcome]:
+    bar = tqdm(unit="scan", leave=False, dynamic_ncols=True, **options)
+    try:
+        for outcome in stream:
+            bar.update()
+            yield outcome
+    finally:
+        bar.close()
+
+
+def _keyed(items: Iterable[Any], key: Callable[[Any], str]) -> Iterator[tuple[Any, str]]:
+    """``(item, key)`` of each item, drawn lazily; a repeated key is a ``ValueError``."""
+    seen: set[str] = set()
+    for element in items:
+        k = key(element)
+        if k in seen:
+            raise ValueError(f"run_stream needs unique keys: {k!r} is repeated")
+        seen.add(k)
+        yield element, k
+
+
+def _died(k: str) -> Outcome:
+    return Outcome(k, "failed", "worker process died (out of memory or crash)")
+
+
+def _stream_pool(func, pending: Iterator[tuple[Any, str]], jobs: int, window: int) -> Iterator[Outcome]:
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        pending = {pool.submit(_run_one, func, item, k): k for item, k in zip(items, keys)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                k = pending.pop(fut)
-                try:
-                    results[k] = fut.result()
-                except BrokenProcessPool:
-                    results[k] = Outcome(k, "failed", "worker process died (out of memory or crash)")
-                bar.update()
-    return results
+        running: dict = {}
+        try:
+            while True:
+                while len(running) < window and (following := next(pending, None)) is not None:
+                    element, k = following
+                    try:
+                        running[pool.submit(_run_one, func, element, k)] = k
+                    except BrokenProcessPool:
+                        yield _died(k)
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    k = running.pop(fut)
+                    try:
+                        yield fut.result()
+                    except BrokenProcessPool:
+                        yield _died(k)
+        finally:
+            for fut in running:
+                fut.cancel()
 
 
-def _run_dask(func, items, keys, scheduler, bar) -> dict[str, Outcome]:
+def _stream_dask(func, pending: Iterator[tuple[Any, str]], scheduler: str, jobs: int,
+                 in_flight: int | None) -> Iterator[Outcome]:
     try:
         from dask.distributed import Client, as_completed
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError("the dask executor needs the 'dask' extra: pip install 'atlas-curate[dask]'") from exc
-    if not scheduler:
-        raise ValueError("--executor dask needs --scheduler ADDRESS (e.g. tcp://127.0.0.1:8786)")
-    results: dict[str, Outcome] = {}
     with Client(scheduler) as client:
-        futures = [client.submit(_run_one, func, item, k, key=f"atlas-curate-{k}-{time.time_ns()}", pure=False)
-                   for item, k in zip(items, keys)]
-        by_future = dict(zip(futures, keys))
-        for fut in as_completed(futures):
-            k = by_future[fut]
+        window = in_flight or 2 * max(jobs, sum(client.nthreads().values()))
+        running: dict = {}
+
+        def submit(element, k):
+            fut = client.submit(_run_one, func, element, k, key=f"atlas-curate-{k}-{time.time_ns()}", pure=False)
+            running[fut] = k
+            return fut
+
+        finished = as_completed([submit(element, k) for element, k in itertools.islice(pending, window)])
+        for fut in finished:
+            k = running.pop(fut)
             try:
-                results[k] = fut.result()
+                outcome = fut.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker or similar
-                results[k] = Outcome(k, "failed", f"dask task error: {type(exc).__name__}: {exc}")
-            bar.update()
-    return results
+                outcome = Outcome(k, "failed", f"dask task error: {type(exc).__name__}: {exc}")
+            fut.release()
+            yield outcome
+            for element, following in itertools.islice(pending, max(0, window - len(running))):
+                finished.add(submit(element, following))
 
 
 def outcomes_table(outcomes: Sequence[Outcome]) -> pd.DataFrame:

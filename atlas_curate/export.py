@@ -38,8 +38,9 @@ since a higher fold would again be nnU-Net's own random split. A split whose sub
 and dev) is refused.
 
 Case ids come from the scan name with its BIDS keys removed (``sub-c0001s0001_ses-t01`` → ``c0001s0001t01``;
-``ses`` is kept when the session label starts with a digit: ``sub-r001s001_ses-1`` → ``r001s001ses1``); if two
-scans would share an id, every case is numbered ``<NAME>_<nnnn>`` in scan order instead.
+``ses`` is kept when the session label starts with a digit: ``sub-r001s001_ses-1`` → ``r001s001ses1``; a scan
+without a session: ``sub-r001s001`` → ``r001s001``); if two scans would share an id, every case is numbered
+``<NAME>_<nnnn>`` in scan order instead.
 
 The output folder. ``OUT`` named like a dataset folder (``Dataset<3 digits>_...``) or holding a
 ``dataset.json`` is refused: it must be ``nnUNet_raw``. Another folder with the same id
@@ -50,12 +51,13 @@ replaced (those the new split lacks are removed). Exporting the same split again
 Images are taken byte for byte (a hard link when the source and the output share a file system, else a copy;
 both atomic). Labels are hard-linked/copied when the mask file already stores uint8 0/1 without scaling, and
 otherwise rewritten as uint8 0/1 (``> 0``) on the same grid. Each label must share the image's grid (nnU-Net
-refuses mismatches later, less readably). Nothing is written into the BIDS dataset.
+refuses mismatches later, less readably). Nothing is written into the BIDS dataset. The cases are written by
+:func:`atlas_curate.executor.run_map` (``jobs`` local worker processes, or a Dask cluster whose workers see
+the BIDS dataset and ``OUT`` at the same paths).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -70,14 +72,15 @@ import pandas as pd
 
 from . import __version__, io
 from .executor import run_map, summarize
+from .naming import SPACE, ScanRef
 from .split import NO_COHORT, SPLITS, assign_folds, load_split, split_paths
+from .tables import read_json, read_tsv, tsv_text, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
 FILE_ENDING = ".nii.gz"
 CHANNEL = "0000"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-SCAN = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_ses-(?P<ses>[A-Za-z0-9]+)$")
 CASE_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 DEFAULT_FOLDS = 5  # what nnUNetv2_train trains (folds 0..4) and nnUNetv2_predict ensembles by default
 DATASET_FOLDER = re.compile(r"^Dataset(?P<id>\d{3})_")
@@ -89,12 +92,13 @@ def case_ids(scans: Iterable[str], name: str = "ATLAS") -> dict[str, str]:
     scans = sorted(scans)
     ids = {}
     for scan in scans:
-        match = SCAN.match(scan)
-        if match is None:
+        try:
+            ref = ScanRef.parse(scan)
+        except ValueError:
             ids[scan] = re.sub(r"[^A-Za-z0-9]", "", scan)
-        else:
-            ses = match["ses"]
-            ids[scan] = match["sub"] + (ses if ses[0].isalpha() else f"ses{ses}")
+            continue
+        ses = ref.ses or ""
+        ids[scan] = ref.sub + (ses if not ses or ses[0].isalpha() else f"ses{ses}")
     if len(set(ids.values())) != len(ids) or any(not v for v in ids.values()):
         ids = {scan: f"{name}_{n:04d}" for n, scan in enumerate(scans, start=1)}
     return ids
@@ -264,14 +268,14 @@ def _check_output(root: Path, out: Path, dataset: Path) -> None:
 
 
 def _case_text(rows: pd.DataFrame) -> str:
-    return rows.reindex(columns=CASE_KEYS).to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    return tsv_text(rows.reindex(columns=CASE_KEYS))
 
 
 def _same_export(dataset: Path, rows: pd.DataFrame, splits: list[dict]) -> bool:
     """Whether ``dataset`` holds an export of these cases (same ids, scans, splits, folds, sources) and folds."""
     try:
-        old_rows = pd.read_csv(dataset / "cases.tsv", sep="\t", dtype=str, keep_default_na=False)
-        old_splits = json.loads((dataset / "splits_final.json").read_text())
+        old_rows = read_tsv(dataset / "cases.tsv")
+        old_splits = read_json(dataset / "splits_final.json")
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
         return False
     if not set(CASE_KEYS) <= set(old_rows.columns) or old_splits != splits:
@@ -308,14 +312,15 @@ def _remove_stale(dataset: Path, keep: set[Path]) -> None:
 
 def export_nnunet(bids_root: os.PathLike | str, split_path: os.PathLike | str, out: os.PathLike | str, *,
                   dataset_id: int = 501, name: str = "ATLAS", overwrite: bool = False, link: bool = True,
-                  seed: int | None = None, folds: int = DEFAULT_FOLDS, jobs: int = 1,
-                  progress: bool = False) -> Path:
+                  seed: int | None = None, folds: int = DEFAULT_FOLDS, jobs: int = 1, progress: bool = False,
+                  executor: str = "local", scheduler: str | None = None) -> Path:
     """Write the split at ``split_path`` (``split`` TSV/JSON) of ``bids_root`` as ``OUT/Dataset<ID>_<NAME>``.
 
     ``out`` is the ``nnUNet_raw`` folder. See the module docstring for the layout, the folds and the checks.
     Returns the dataset folder. ``seed`` seeds the folds of a split without folds (default: the split's seed,
     else 0); ``folds`` is how many such a split gets (5, what nnU-Net trains). ``overwrite`` replaces a different
-    dataset with this id; ``link=False`` always copies.
+    dataset with this id; ``link=False`` always copies. The cases are written by ``jobs`` local worker processes,
+    or with ``executor="dask"`` on the Dask cluster at ``scheduler``.
     """
     if not 1 <= int(dataset_id) <= 999:
         raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
@@ -381,8 +386,8 @@ def export_nnunet(bids_root: os.PathLike | str, split_path: os.PathLike | str, o
         log.warning("overwrite: deleting %s (the same dataset id as %s)", other, dataset.name)
         shutil.rmtree(other)
     dataset.mkdir(parents=True, exist_ok=True)
-    outcomes = run_map(export_case, jobs_list, key=lambda j: j.scan, jobs=jobs, desc="export nnunet",
-                       progress=progress)
+    outcomes = run_map(export_case, jobs_list, key=lambda j: j.scan, jobs=jobs, executor=executor,
+                       scheduler=scheduler, desc="export nnunet", progress=progress)
     if any(not o.ok for o in outcomes):
         raise RuntimeError(f"nnU-Net export to {dataset} failed:\n{summarize(outcomes)}")
     keep = {Path(j.images_dir) / f"{j.case}_{CHANNEL}{FILE_ENDING}" for j in jobs_list}
@@ -398,7 +403,7 @@ def export_nnunet(bids_root: os.PathLike | str, split_path: os.PathLike | str, o
         "file_ending": FILE_ENDING,
         "name": name,
         "description": (
-            f"ATLAS stroke lesions (T1w, MNI152NLin2009aSym) exported by atlas-curate {__version__} from the split "
+            f"ATLAS stroke lesions (T1w, {SPACE}) exported by atlas-curate {__version__} from the split "
             f"{split_tsv.name} (seed {split_seed if split_seed is not None else 'n/a'}, "
             f"{f'{split_folds} folds' if split_folds else 'train/dev'}); imagesTs/labelsTs hold its test split. "
             f"splits_final.json holds {n_folds} subject-grouped folds "
@@ -408,8 +413,8 @@ def export_nnunet(bids_root: os.PathLike | str, split_path: os.PathLike | str, o
         "numTest": int((~training).sum()),
         "reference": "Liew et al. 2018, Sci Data 5:180011 (ATLAS)",
     }
-    io.write_text(json.dumps(meta, indent=2) + "\n", dataset / "dataset.json")
-    io.write_text(json.dumps(splits, indent=2) + "\n", dataset / "splits_final.json")
+    write_json(meta, dataset / "dataset.json", sort_keys=False)
+    write_json(splits, dataset / "splits_final.json", sort_keys=False)
     subject_of = dict(zip(table["scan"], table["subject"]))
     doc = {
         "generated_by": {"name": "atlas-curate export nnunet", "version": __version__},
@@ -423,11 +428,11 @@ def export_nnunet(bids_root: os.PathLike | str, split_path: os.PathLike | str, o
                         "subjects": len({subject_of[s] for s in fold.index[fold == k]})}
                        for k, e in enumerate(splits)],
     }
-    io.write_text(json.dumps(doc, indent=2) + "\n", dataset / "folds.json")
+    write_json(doc, dataset / "folds.json", sort_keys=False)
     how = {o.key: o.value for o in outcomes}
     rows["label_binarised"] = [how[s]["label_written"] == "rewritten" for s in table["scan"]]
     rows["lesion_voxels"] = [how[s]["lesion_voxels"] for s in table["scan"]]
-    io.write_text(rows.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n"), dataset / "cases.tsv")
+    write_tsv(rows, dataset / "cases.tsv")
     return dataset
 
 
@@ -443,7 +448,7 @@ def stale_preprocessed_splits(dataset: os.PathLike | str, env: Mapping[str, str]
     if not copy.is_file():
         return None
     try:
-        same = json.loads(copy.read_text()) == json.loads((dataset / "splits_final.json").read_text())
+        same = read_json(copy) == read_json(dataset / "splits_final.json")
     except (OSError, ValueError, UnicodeDecodeError):
         same = False
     return None if same else copy
@@ -457,7 +462,7 @@ def next_steps(dataset: os.PathLike | str, split: os.PathLike | str = "SPLITS",
     raw = dataset.parent
     match = DATASET_FOLDER.match(dataset.name)
     ident = str(int(match["id"])) if match else "ID"
-    count = len(json.loads((dataset / "splits_final.json").read_text()))
+    count = len(read_json(dataset / "splits_final.json"))
     fold_list = " ".join(str(k) for k in range(count))
     lines = [f"nnU-Net dataset: {dataset}",
              f"  {count} subject-grouped folds in splits_final.json (how, seed, sizes: folds.json); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 NATIVE_ID = re.compile(r"^c(?P<cohort>\d{4})s(?P<subject>\d{4})t(?P<timepoint>\d{2})$")
 NATIVE_SUB = re.compile(r"^c(?P<cohort>\d{4})s(?P<subject>\d{4})$")
@@ -24,18 +25,47 @@ class IdError(ValueError):
     """Raised for text that is not a valid identifier."""
 
 
+class _ReleaseId:
+    """What the scan ids share: number fields each in ``0..limit`` (``_LIMITS``, in field order; ``_WHAT`` names
+    the id in errors) and text forms made from format strings over those fields: ``_TEXT`` the id,
+    ``_COHORT`` its cohort, ``_SUBJECT`` its subject."""
+
+    _WHAT: ClassVar[str]
+    _LIMITS: ClassVar[dict[str, int]]
+    _TEXT: ClassVar[str]
+    _COHORT: ClassVar[str]
+    _SUBJECT: ClassVar[str]
+
+    def _values(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self._LIMITS}
+
+    def __post_init__(self) -> None:
+        values = self._values()
+        if not all(0 <= values[name] <= limit for name, limit in self._LIMITS.items()):
+            raise IdError(f"{self._WHAT} out of range: " + " ".join(f"{k}={v}" for k, v in values.items()))
+
+    def __str__(self) -> str:
+        return self._TEXT.format(**self._values())
+
+    @property
+    def cohort_id(self) -> str:
+        return self._COHORT.format(**self._values())
+
+    @property
+    def subject_id(self) -> str:
+        return self._SUBJECT.format(**self._values())
+
+
 @dataclass(frozen=True, order=True)
-class ScanId:
+class ScanId(_ReleaseId):
     """One scan of the native (ICPSR) release: cohort, subject and time point, e.g. ``c0001s0001t01``."""
 
     cohort: int
     subject: int
     timepoint: int
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.cohort <= 9999 and 0 <= self.subject <= 9999 and 0 <= self.timepoint <= 99):
-            raise IdError(f"scan id out of range: cohort={self.cohort} subject={self.subject} "
-                          f"timepoint={self.timepoint}")
+    _WHAT, _LIMITS = "scan id", {"cohort": 9999, "subject": 9999, "timepoint": 99}
+    _TEXT = "c{cohort:04d}s{subject:04d}t{timepoint:02d}"
+    _COHORT, _SUBJECT = "c{cohort:04d}", "c{cohort:04d}s{subject:04d}"
 
     @classmethod
     def parse(cls, text: str) -> "ScanId":
@@ -43,17 +73,6 @@ class ScanId:
         if not match:
             raise IdError(f"not an ATLAS scan id (expected e.g. c0001s0001t01): {text!r}")
         return cls(int(match["cohort"]), int(match["subject"]), int(match["timepoint"]))
-
-    def __str__(self) -> str:
-        return f"c{self.cohort:04d}s{self.subject:04d}t{self.timepoint:02d}"
-
-    @property
-    def cohort_id(self) -> str:
-        return f"c{self.cohort:04d}"
-
-    @property
-    def subject_id(self) -> str:
-        return f"c{self.cohort:04d}s{self.subject:04d}"
 
     def bids_labels(self, naming: str = "native") -> tuple[str, str]:
         """``(subject, session)`` BIDS labels: ``native`` keeps the release's IDs
@@ -88,17 +107,15 @@ INDI_SESSION = re.compile(r"^t(?P<timepoint>\d{2})$")
 
 
 @dataclass(frozen=True, order=True)
-class IndiScanId:
-    """One scan of the FCP-INDI standard-space archive: ``Site1/031768/t01``."""
+class IndiScanId(_ReleaseId):
+    """One scan of the FCP-INDI standard-space archive: ``Site1/031768/t01`` (site, subject, time point); its
+    files are named by the six-digit subject (:attr:`file_stem`)."""
 
     site: int
     subject: int
     timepoint: int
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.site <= 999 and 0 <= self.subject <= 999999 and 0 <= self.timepoint <= 99):
-            raise IdError(f"INDI scan id out of range: site={self.site} subject={self.subject} "
-                          f"timepoint={self.timepoint}")
+    _WHAT, _LIMITS = "INDI scan id", {"site": 999, "subject": 999999, "timepoint": 99}
+    _TEXT, _COHORT, _SUBJECT = "Site{site}/{subject:06d}/t{timepoint:02d}", "Site{site}", "{subject:06d}"
 
     @classmethod
     def parse_parts(cls, site: str, subject: str, session: str) -> "IndiScanId":
@@ -116,20 +133,9 @@ class IndiScanId:
             raise IdError(f"not an INDI scan id (expected Site1/031768/t01): {text!r}")
         return cls.parse_parts(*parts)
 
-    def __str__(self) -> str:
-        return f"Site{self.site}/{self.subject:06d}/t{self.timepoint:02d}"
-
-    @property
-    def cohort_id(self) -> str:
-        return f"Site{self.site}"
-
-    @property
-    def subject_id(self) -> str:
-        return f"{self.subject:06d}"
-
     @property
     def file_stem(self) -> str:
-        return f"{self.subject:06d}"
+        return self.subject_id
 
     def bids_labels(self, naming: str = "native") -> tuple[str, str]:
         if naming == "native":
@@ -146,7 +152,7 @@ ATLAS2_SCAN = re.compile(r"^(?P<subject>sub-r\d{3}s\d{3})_(?P<session>ses-\d{1,3
 
 
 @dataclass(frozen=True, order=True)
-class Atlas2ScanId:
+class Atlas2ScanId(_ReleaseId):
     """One scan of ATLAS R2.0: ``sub-r001s001`` / ``ses-1`` (cohort 1, subject 1, session 1).
 
     Its text form (the scan key) is the release's own file-name prefix, ``sub-r001s001_ses-1``. Subject
@@ -157,11 +163,8 @@ class Atlas2ScanId:
     cohort: int
     subject: int
     session: int
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.cohort <= 999 and 0 <= self.subject <= 999 and 0 <= self.session <= 999):
-            raise IdError(f"ATLAS 2.0 scan id out of range: cohort={self.cohort} subject={self.subject} "
-                          f"session={self.session}")
+    _WHAT, _LIMITS = "ATLAS 2.0 scan id", {"cohort": 999, "subject": 999, "session": 999}
+    _COHORT, _SUBJECT = "R{cohort:03d}", "r{cohort:03d}s{subject:03d}"     # the cohort folder name, R001
 
     @classmethod
     def parse_subject(cls, subject: str) -> tuple[int, int]:
@@ -187,16 +190,9 @@ class Atlas2ScanId:
         return cls.parse_parts(match["subject"], match["session"])
 
     def __str__(self) -> str:
-        return f"sub-{self.subject_id}_ses-{self.session}"
+        from .naming import ScanRef  # naming is built on this module
 
-    @property
-    def cohort_id(self) -> str:
-        """The release's cohort folder name, ``R001``."""
-        return f"R{self.cohort:03d}"
-
-    @property
-    def subject_id(self) -> str:
-        return f"r{self.cohort:03d}s{self.subject:03d}"
+        return ScanRef(*self.bids_labels()).key
 
     def bids_labels(self, naming: str = "native") -> tuple[str, str]:
         """``(subject, session)`` BIDS labels: the release's own (``r001s001``, ``1``) under either naming,

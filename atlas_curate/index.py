@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from . import __version__, io, naming
+from . import __version__, io, naming, tables
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,8 +61,8 @@ COMMANDS = {
     "normalize": "atlas-curate normalize BIDS_ROOT",
     "overlap": "atlas-curate overlap-map BIDS_ROOT",
     "split": "atlas-curate split BIDS_ROOT",
-    "run": "atlas-curate train-baseline BIDS_ROOT --splits BIDS_ROOT/derivatives/atlas-curate/split.tsv "
-           "--output RUN_DIR",
+    "run": "atlas-curate train-baseline BIDS_ROOT --splits "
+           f"BIDS_ROOT/{naming.PIPELINE_DERIVATIVE.as_posix()}/split.tsv --output RUN_DIR",
     "evaluation": "atlas-curate evaluate RUN_DIR",
     "predictions": "atlas-curate predict RUN_DIR T1W [T1W ...] --output DIR",
 }
@@ -99,7 +99,7 @@ def read_registry(bids_root: os.PathLike | str) -> dict[str, list[str]]:
     if not path.is_file():
         return entries
     try:
-        doc = json.loads(path.read_text())
+        doc = tables.read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise io.InputError(path, f"not readable JSON ({exc}); delete it and register the outputs again") from exc
     if not isinstance(doc, dict):
@@ -132,7 +132,7 @@ def register(bids_root: os.PathLike | str, kind: str, path: os.PathLike | str) -
     known = {os.path.normpath(base / entry) for entry in entries[kind]}
     if str(target) not in known:
         entries[kind].append(_relative(target, base))
-        io.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", base / REGISTRY_FILE)
+        tables.write_json(entries, base / REGISTRY_FILE)
     return write_index(root)
 
 
@@ -157,7 +157,7 @@ def refresh_index(bids_root: os.PathLike | str | None, kind: str | None = None,
 def run_bids_root(run_dir: os.PathLike | str) -> Path | None:
     """The BIDS root a training run recorded in its ``run.json``, when it still exists."""
     try:
-        doc = json.loads((Path(run_dir) / "run.json").read_text())
+        doc = tables.read_json(Path(run_dir) / "run.json")
         root = Path(doc["bids_root"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -221,10 +221,6 @@ class _Page:
         return _relative(path, self.root)
 
 
-def _read_tsv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-
-
 def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
 
@@ -243,9 +239,16 @@ CONVERSION_PARTS = (("converted", "converted"), ("no_mask", "converted without a
                     ("masks_withheld", "masks withheld"), ("failed", "failed"))
 
 
+def release_scans(report: pd.DataFrame) -> pd.Series:
+    """The release's name of each row of a ``conversion_report.tsv``: its ``release_scan`` column (where ``scan``
+    is the BIDS scan key, ``n/a`` for a metadata row without a scan), or ``scan`` in reports written before that
+    column existed (where ``scan`` was the release's name)."""
+    return report["release_scan" if "release_scan" in report.columns else "scan"]
+
+
 def conversion_verdict(report_tsv: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` of a ``conversion_report.tsv``: scans per status, and metadata rows without a scan."""
-    table = _read_tsv(Path(report_tsv))
+    table = tables.read_tsv(Path(report_tsv))
     status = table["status"].fillna("")
     scans = status[status != "no_scan"]
     parts = [f"{int((scans == key).sum())} {label}" for key, label in CONVERSION_PARTS
@@ -260,18 +263,13 @@ def conversion_verdict(report_tsv: os.PathLike | str) -> tuple[str, str]:
     return text, "warn" if bad else "ok"
 
 
-def _flag(value) -> bool | None:
-    text = str(value).strip().lower()
-    return True if text == "true" else False if text == "false" else None
-
-
 def qc_verdict(qc_tsv: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` of normalize's ``qc.tsv``: passed QC, flagged, errors (and rater decisions)."""
-    table = _read_tsv(Path(qc_tsv))
+    table = tables.read_tsv(Path(qc_tsv))
     failed = table["status"].fillna("") == "failed" if "status" in table.columns else pd.Series(False, table.index)
-    verdicts = table["qc_pass"].map(_flag) if "qc_pass" in table.columns else pd.Series(None, table.index)
-    passed = int(((verdicts == True) & ~failed).sum())   # noqa: E712 - values are True/False/None
-    flagged = int(((verdicts == False) & ~failed).sum())  # noqa: E712
+    verdicts = table["qc_pass"].map(tables.as_bool) if "qc_pass" in table.columns else pd.Series(None, table.index)
+    passed = int((verdicts.eq(True) & ~failed).sum())     # values are True/False/None
+    flagged = int((verdicts.eq(False) & ~failed).sum())
     errors = int(failed.sum())
     text = f"{_plural(len(table), 'scan')}: {passed} passed QC, {flagged} flagged, {_plural(errors, 'error')}"
     if "human_decision" in table.columns:
@@ -285,7 +283,7 @@ def qc_verdict(qc_tsv: os.PathLike | str) -> tuple[str, str]:
 
 def overlap_verdict(overlap_json: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` from an ``overlap.json``: scans in and out, the maximum overlap."""
-    doc = json.loads(Path(overlap_json).read_text())
+    doc = tables.read_json(overlap_json)
     counts = doc.get("NumberOfScans", {})
     n = int(counts.get("included", 0))
     fraction = float(doc.get("MaximumFraction", float("nan")))
@@ -322,11 +320,11 @@ def split_verdict(table: pd.DataFrame) -> tuple[str, str]:
 def run_verdict(run_dir: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` of a training run from ``run.json`` and ``log.tsv``."""
     run_dir = Path(run_dir)
-    doc = json.loads((run_dir / "run.json").read_text())
+    doc = tables.read_json(run_dir / "run.json")
     train_scans, dev_scans = doc.get("train_scans") or [], doc.get("dev_scans") or []
     epochs, dice = 0, float("nan")
     if (run_dir / "log.tsv").is_file():
-        logged = _read_tsv(run_dir / "log.tsv")
+        logged = tables.read_tsv(run_dir / "log.tsv")
         epochs = len(logged)
         values = pd.to_numeric(logged.get("dev_dice", pd.Series(dtype=str)), errors="coerce").dropna()
         dice = float(values.iloc[-1]) if len(values) else float("nan")
@@ -356,7 +354,7 @@ def _planned_epochs(config_toml: Path) -> int | None:
 
 def evaluation_verdict(summary_json: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` from an evaluation's ``summary.json``: the mean DSC over the scored scans."""
-    doc = json.loads(Path(summary_json).read_text())
+    doc = tables.read_json(summary_json)
     dsc = (doc.get("metrics") or {}).get("dsc") or {}
     split = doc.get("split") or "?"
     which = f"{split} (snapshot ensemble)" if doc.get("ensemble") else split
@@ -368,7 +366,7 @@ def evaluation_verdict(summary_json: os.PathLike | str) -> tuple[str, str]:
 
 def predictions_verdict(predictions_tsv: os.PathLike | str) -> tuple[str, str]:
     """``(verdict, status)`` of a ``predictions.tsv``: inputs segmented and failed."""
-    table = _read_tsv(Path(predictions_tsv))
+    table = tables.read_tsv(Path(predictions_tsv))
     ok = int((table["status"] == "ok").sum())
     failed = len(table) - ok
     text = f"{_plural(len(table), 'input')}: {ok} segmented, {failed} failed"
@@ -395,9 +393,10 @@ def _conversion(root: Path, page: _Page) -> Section:
                                                       (root / "participants.tsv", "participants.tsv"),
                                                       (root / "dataset_description.json",
                                                        "dataset_description.json")]))
-            table = _read_tsv(report)
+            table = tables.read_tsv(report)
             bad = table[table["status"].isin(["failed", "masks_withheld", "no_scan"])]
-            item.notes = [f"{row['status']} {row['scan']}: {row['reason']}" for _, row in bad.head(20).iterrows()]
+            names = release_scans(bad)
+            item.notes = [f"{row['status']} {names[i]}: {row['reason']}" for i, row in bad.head(20).iterrows()]
             if len(bad) > 20:
                 item.notes.append(f"... and {len(bad) - 20} more in conversion_report.tsv")
             return item
@@ -535,7 +534,7 @@ def _predictions(registry: dict[str, list[Path]], page: _Page) -> Section:
 
         def build(folder=folder, table=table) -> Item:
             text, status = predictions_verdict(table)
-            rows = _read_tsv(table)
+            rows = tables.read_tsv(table)
             pairs = [(table, "predictions.tsv: one row per input")]
             pairs += [(folder / str(mask), str(mask)) for mask in rows.get("mask", pd.Series(dtype=str)).dropna()
                       if str(mask)][:50]
@@ -546,7 +545,7 @@ def _predictions(registry: dict[str, list[Path]], page: _Page) -> Section:
 
 def _dataset_name(root: Path) -> str:
     try:
-        name = json.loads((root / "dataset_description.json").read_text()).get("Name")
+        name = tables.read_json(root / "dataset_description.json").get("Name")
     except (OSError, ValueError, AttributeError):
         name = None
     return str(name) if name else root.name

@@ -13,6 +13,7 @@ import struct
 import tempfile
 import zlib
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -21,8 +22,6 @@ import numpy as np
 from isal import igzip, igzip_lib
 
 GRID_TOLERANCE_MM = 1e-3
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 GZIP_LEVEL = 1  # ISA-L level 1: ~9x faster than zlib level 1 on noisy float T1s, smaller files on masks
 
 
@@ -112,6 +111,21 @@ def voxel_volume(img: nib.spatialimages.SpatialImage) -> float:
     return float(abs(np.linalg.det(np.asarray(img.affine)[:3, :3])))
 
 
+@lru_cache(maxsize=1)
+def process_umask() -> int:
+    """The process's file-creation mask, read once: the ``Umask:`` line of ``/proc/self/status`` (Linux), else
+    by setting and restoring it (the only portable way to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); rename onto ``path`` on success.
@@ -126,7 +140,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+        os.chmod(tmp_path, 0o666 & ~process_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

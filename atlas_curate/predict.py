@@ -2,7 +2,7 @@
 
 Two kinds of input:
 
-* template space (default): the image must already be on the MNI152NLin2009aSym 1 mm grid (197 × 233 × 189,
+* template space (default): the image must already be on the template's 1 mm grid (197 × 233 × 189,
   e.g. an ATLAS R2.0 or R1.1-standard T1w, or ``normalize`` output); the grid is verified (shape and affine
   within 1e-3 mm, else an error suggesting ``--native``) and registration is skipped;
 * ``native``: a scanner-space whole-head T1w goes through the registration of ``normalize``
@@ -10,7 +10,7 @@ Two kinds of input:
   template grid (linear), exactly as ``normalize`` does.
 
 Either way the intensities are then standardised as ``normalize`` does: the white-matter peak
-(:func:`~atlas_curate.normalize.pipeline.wm_peak`) of the voxels inside the template brain is mapped to
+(:func:`~atlas_curate.normalize.register.wm_peak`) of the voxels inside the template brain is mapped to
 :data:`~atlas_curate.normalize.pipeline.WM_TARGET` (100). (``normalize`` leaves the manual lesion out of the
 peak; no manual lesion exists here, and the peak is the mode of the brighter half of the brain, which a
 lesion hardly moves.) Defacing is not needed: the network sees only the brain's bounding box.
@@ -22,20 +22,18 @@ applies it inverted): nearest neighbour for the mask, linear for the probabiliti
 input's affine.
 
 Names: an input named like BIDS (``sub-X[_ses-Y][_...]_T1w.nii[.gz]``) inside a BIDS dataset (a
-``dataset_description.json`` in a parent folder) gives BIDS-derivative outputs
-``OUTPUT/sub-X/ses-Y/anat/sub-X_ses-Y_space-<S>_label-L_desc-ResUNet_mask.nii.gz`` and ``..._probseg.nii.gz``
-with JSON sidecars (``S`` is ``orig`` for native inputs, as bids-convert names native masks, else
-``MNI152NLin2009aSym``) and a ``dataset_description.json``; any other input gives
+``dataset_description.json`` in a parent folder) gives BIDS-derivative outputs named by the naming spec
+(``prediction_mask``, ``prediction_probseg``):
+``OUTPUT/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-<S>_label-L_desc-ResUNet_mask.nii.gz`` and
+``..._probseg.nii.gz`` with JSON sidecars (``S`` is ``orig`` for native inputs, as bids-convert names native
+masks, else the template space) and a ``dataset_description.json``; any other input gives
 ``OUTPUT/<input name without .nii[.gz]>_label-L_desc-ResUNet_mask.nii.gz`` (and ``_probseg``). A table
 ``predictions.tsv`` lists every input with its outputs, the lesion volume (mm³) and, on failure, the reason.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,13 +43,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import __version__, io, naming
+from . import io, naming, tables
 from .index import refresh_index, run_bids_root
 
-SPACE = "MNI152NLin2009aSym"
-DESC = "ResUNet"
-BIDS_T1 = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*"
-                     r"_T1w\.nii(?:\.gz)?$")
+SPACE = naming.SPACE
+OUTPUTS = {"mask": "prediction_mask", "probseg": "prediction_probseg"}   # table column -> naming-spec key
 COLUMNS = ["input", "status", "space", "mask", "probseg", "lesion_volume_mm3", "wm_peak", "seconds", "error"]
 
 
@@ -72,34 +68,44 @@ def _bids_root(path: Path) -> Path | None:
     return None
 
 
+def _bids_scan(t1: Path) -> naming.ScanRef | None:
+    """The scan of a BIDS-named T1w (``sub-X[_ses-Y][_...]_T1w.nii[.gz]``) inside a BIDS dataset, else None."""
+    parsed = naming.parse_bids_name(t1.name)
+    if parsed is None or parsed[1] != "T1w" or parsed[2] not in (".nii", ".nii.gz") or _bids_root(t1) is None:
+        return None
+    return naming.ScanRef.from_name(t1.name)
+
+
+def _loose_name(stem: str, output: str) -> Path:
+    """``<stem>_<entities but space>_<suffix><ext>`` of the spec's ``output``, for an input outside BIDS."""
+    entry = naming.output_spec(output)
+    entities = "".join(f"_{key}-{value}" for key, value in entry["entities"].items() if key != "space")
+    return Path(f"{stem}{entities}_{entry['suffix']}{entry.get('extension', '.nii.gz')}")
+
+
 def output_names(t1: os.PathLike | str, *, native: bool) -> dict[str, Path]:
     """Relative output paths (``mask``, ``probseg``) for one input; see the module docstring."""
     t1 = Path(t1)
-    space = "orig" if native else SPACE
-    match = BIDS_T1.match(t1.name)
-    if match and _bids_root(t1) is not None:
-        sub, ses = match["sub"], match["ses"]
-        return {kind: naming.bids_path(sub, ses, kind, space=space, label="L", desc=DESC)
-                for kind in ("mask", "probseg")}
-    stem = re.sub(r"\.nii(\.gz)?$", "", t1.name)
-    return {kind: Path(f"{stem}_label-L_desc-{DESC}_{kind}.nii.gz") for kind in ("mask", "probseg")}
+    scan = _bids_scan(t1)
+    if scan is not None:
+        space = naming.NATIVE_SPACE if native else SPACE
+        return {column: scan.path(output, space=space) for column, output in OUTPUTS.items()}
+    stem = next((t1.name[: -len(ext)] for ext in (".nii.gz", ".nii") if t1.name.endswith(ext)), t1.name)
+    return {column: _loose_name(stem, output) for column, output in OUTPUTS.items()}
 
 
 def standardise(image: np.ndarray) -> tuple[np.ndarray, float]:
     """``normalize``'s intensity scale (white-matter peak inside the template brain → 100, negatives → 0)."""
     from .normalize.pipeline import standardise as scale
-    from .templates import template_arrays
+    from .templates import template_grid
 
-    return scale(image, template_arrays()["T1w"] > 0)
+    return scale(image, template_grid().brain)
 
 
 def _on_template(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, float]:
-    from .train.data import nib_template
+    from .templates import template_grid
 
-    problem = io.grid_difference(nib_template(), t1_img)
-    if problem:
-        raise io.InputError(path, f"not on the {SPACE} 1 mm grid ({problem}); use --native for a T1w in "
-                                  "scanner space")
+    template_grid().check(t1_img, path, hint="; use --native for a T1w in scanner space")
     standard, peak = standardise(np.asarray(t1_img.dataobj, dtype=np.float32))
     prob = segmenter.probability(standard)
     return prob >= segmenter.config.threshold, prob, peak
@@ -109,20 +115,18 @@ def _native(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, floa
     """Register, resample and standardise as ``normalize`` does, segment, and map back to the input grid."""
     import ants
 
+    from .normalize.pipeline import to_template
     from .normalize.register import register, template_images, to_ants
 
-    workdir = tempfile.mkdtemp(prefix="atlas-curate-predict-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="atlas-curate-predict-", ignore_cleanup_errors=True) as workdir:
         try:
             reg = register(t1_img, None, workdir=workdir)
         except RuntimeError as exc:
             raise io.InputError(path, f"registration to {SPACE} failed: {exc}") from exc
-        fixed = template_images()["t1"]
-        moved = ants.apply_transforms(fixed, reg.corrected, [reg.transform_file], interpolator="linear").numpy()
-        standard, peak = standardise(moved)
+        standard, _, peak = to_template(reg.corrected, reg.transform_file)
         prob = segmenter.probability(standard)
         mask = (prob >= segmenter.config.threshold).astype(np.float32)
-        native = to_ants(t1_img)
+        fixed, native = template_images()["t1"], to_ants(t1_img)
 
         def back(data: np.ndarray, interpolator: str) -> np.ndarray:
             moving = fixed.new_image_like(np.asarray(data, dtype=np.float32))
@@ -130,27 +134,17 @@ def _native(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, floa
                                          interpolator=interpolator).numpy()
 
         return back(mask, "nearestNeighbor") > 0.5, np.clip(back(prob, "linear"), 0.0, 1.0), peak
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _sidecar(path: Path, source: Path, run_dir: Path, segmenter, native: bool, kind: str) -> None:
+def _sidecar_fields(column: str, source: Path, run_dir: Path, segmenter, space: str) -> dict:
     root = _bids_root(source)
     src = f"bids:raw:{source.resolve().relative_to(root).as_posix()}" if root else str(source.resolve())
-    doc = {"Sources": [src], "Type": "Lesion",
-           "Description": ("binary lesion mask (probability >= %g)" % segmenter.config.threshold if kind == "mask"
-                           else "lesion probability"),
-           "Model": {"Name": "3D ResU-Net (Tomita et al. 2020)", "Run": str(run_dir),
-                     "Weights": [Path(s).name for s in segmenter.sources]},
-           "SpatialReference": "orig" if native else SPACE}
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", naming.sidecar(path))
-
-
-def _dataset_description(output: Path) -> None:
-    doc = {"Name": "atlas-curate predict", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-           "GeneratedBy": [{"Name": "atlas-curate", "Version": __version__,
-                            "Description": "lesion segmentation with the 3D ResU-Net baseline"}]}
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", output / "dataset_description.json")
+    return {"Sources": [src], "Type": "Lesion",
+            "Description": ("binary lesion mask (probability >= %g)" % segmenter.config.threshold
+                            if column == "mask" else "lesion probability"),
+            "Model": {"Name": "3D ResU-Net (Tomita et al. 2020)", "Run": str(run_dir),
+                      "Weights": [Path(s).name for s in segmenter.sources]},
+            "SpatialReference": space}
 
 
 def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output: os.PathLike | str, *,
@@ -180,19 +174,20 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
             if (output / path).resolve() == t1.resolve():
                 raise ValueError(f"{t1}: the output would overwrite the input")
     segmenter = load_segmenter(run_dir, ensemble=ensemble, device=device)
+    space = naming.NATIVE_SPACE if native else SPACE
     rows = []
     any_bids = False
     for t1, name in tqdm(list(zip(inputs, names)), desc="predict", disable=not progress):
         start = time.perf_counter()
-        row = {"input": str(t1), "space": "orig" if native else SPACE}
+        row = {"input": str(t1), "space": space}
         try:
             img = io.load_nifti(t1)
             mask, prob, peak = (_native if native else _on_template)(img, t1, segmenter)
-            paths = {k: output / v for k, v in name.items()}
-            io.save_array(mask, img.affine, paths["mask"], np.uint8)
-            io.save_array(prob, img.affine, paths["probseg"], np.float32)
-            for kind, path in paths.items():
-                _sidecar(path, t1, run_dir, segmenter, native, kind)
+            for column, data in (("mask", mask), ("probseg", prob)):
+                path = output / name[column]
+                io.save_array(data, img.affine, path, naming.output_spec(OUTPUTS[column])["dtype"])
+                fields = _sidecar_fields(column, t1, run_dir, segmenter, space)
+                tables.write_json(naming.output_sidecar(OUTPUTS[column], space=space, **fields), naming.sidecar(path))
             any_bids = any_bids or len(name["mask"].parts) > 1
             row.update({"status": "ok", "mask": name["mask"].as_posix(), "probseg": name["probseg"].as_posix(),
                         "lesion_volume_mm3": float(np.count_nonzero(mask)) * io.voxel_volume(img),
@@ -205,9 +200,9 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
         rows.append(row)
     output.mkdir(parents=True, exist_ok=True)
     if any_bids:
-        _dataset_description(output)
+        tables.write_dataset_description(output, "atlas-curate predict", raw_link=None,
+                                         description="lesion segmentation with the 3D ResU-Net baseline")
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"),
-                  output / "predictions.tsv")
+    tables.write_tsv(table, output / "predictions.tsv", float_format="%.6g")
     refresh_index(run_bids_root(run_dir), "predictions", output)   # the page of the run's dataset
     return PredictResult(output, table)

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import io, naming
+from . import io, naming, tables
 
 DECISIONS = ("include", "exclude")
 REQUIRED_COLUMNS = ("scan", "decision", "rater")
 HUMAN_COLUMNS = ["human_decision", "human_rater", "human_time", "human_note"]
-NA = "n/a"
+NA = tables.NA
 
 
 class DecisionsError(io.InputError):
@@ -201,7 +201,7 @@ def _write_records(header: list[str], rows: list[list[str]], terminator: str, pa
 
 def read_qc(path: os.PathLike | str) -> pd.DataFrame:
     """``qc.tsv`` as normalize holds it in memory (``n/a`` → missing), e.g. to draw the report."""
-    return pd.read_csv(path, sep="\t", na_values=[NA], keep_default_na=False)
+    return tables.read_tsv(path, typed=True)
 
 
 def apply_decisions(decisions: os.PathLike | str, bids_root: os.PathLike | str, *,
@@ -244,7 +244,7 @@ def apply_decisions(decisions: os.PathLike | str, bids_root: os.PathLike | str, 
             unchanged.append(d.scan)
         else:
             recorded[d.scan] = [d.decision, d.rater, stamp, note]
-        passed = cell(by_scan[d.scan], "qc_pass", position) == "True"
+        passed = tables.as_bool(cell(by_scan[d.scan], "qc_pass", position)) is True
         if passed != (d.decision == "include"):
             overruled.append(d.scan)
 
@@ -270,7 +270,7 @@ def with_recorded(table: pd.DataFrame, old_qc: os.PathLike | str) -> pd.DataFram
     old_qc = Path(old_qc)
     if not old_qc.is_file():
         return table
-    earlier = pd.read_csv(old_qc, sep="\t", dtype=str, na_values=[NA], keep_default_na=False)
+    earlier = tables.read_tsv(old_qc)
     if "human_decision" not in earlier.columns:
         return table
     earlier = earlier.reindex(columns=["scan", *HUMAN_COLUMNS])

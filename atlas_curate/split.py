@@ -57,7 +57,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import __version__, io
+from . import __version__, io, tables
 from .dataset import lesion_volume_mm3, scan_table
 from .index import refresh_index
 
@@ -479,7 +479,7 @@ def write_split(table: pd.DataFrame, path: os.PathLike | str) -> tuple[Path, Pat
         rows[column] = [_relative(v, root) for v in rows[column]]
     rows["lesion_volume_mm3"] = rows["lesion_volume_mm3"].astype(float).round(3)
     rows["excluded"] = rows["excluded"].fillna("").astype(str).replace("", np.nan)
-    io.write_text(rows.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n"), tsv)
+    tables.write_tsv(rows, tsv)
 
     used = table[table["split"].isin(SPLITS)]
     folds = attrs.get("folds")
@@ -500,7 +500,7 @@ def write_split(table: pd.DataFrame, path: os.PathLike | str) -> tuple[Path, Pat
         "excluded": {r.scan: r.excluded for r in table[~table["split"].isin(SPLITS)].itertuples()},
         "tsv": tsv.name,
     }
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", js)
+    tables.write_json(doc, js)
     refresh_index(root, "split", tsv)   # the split made from this dataset joins its index page
     return tsv, js
 
@@ -515,7 +515,7 @@ def load_split(path: os.PathLike | str, bids_root: os.PathLike | str | None = No
     if not tsv.is_file():
         raise io.InputError(tsv, "split table not found")
     try:
-        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+        table = tables.read_tsv(tsv)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise io.InputError(tsv, f"not a readable TSV ({exc})") from exc
     missing = [c for c in ("scan", "subject", "split", "t1", "mask") if c not in table.columns]
@@ -535,7 +535,7 @@ def load_split(path: os.PathLike | str, bids_root: os.PathLike | str | None = No
     attrs: dict = {}
     if js.is_file():
         try:
-            doc = json.loads(js.read_text())
+            doc = tables.read_json(js)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise io.InputError(js, f"not valid JSON ({exc})") from exc
         for split in SPLITS:

@@ -3,8 +3,8 @@
 * TSV: tab-separated, ``\\n`` line ends, a header row, ``n/a`` for a missing value, booleans as ``true`` /
   ``false`` (as in JSON and the BIDS examples); :func:`read_tsv` reads every table back as text and
   :func:`as_bool` reads a boolean cell written by any version (``true``/``True``/``1``).
-* JSON: two-space indent, sorted keys, a final newline; NumPy scalars become numbers, non-finite floats
-  ``null``.
+* JSON: two-space indent, sorted keys, a final newline; NumPy scalars become numbers (a non-finite NumPy
+  float32 ``null``; Python floats and float64 follow ``allow_nan``), paths text.
 * :func:`write_dataset_description`: the ``dataset_description.json`` of every dataset written.
 * :class:`Manifest`: the skip-if-current record of one scan's outputs (a fingerprint of its inputs and
   options, the outputs written, and the stage's row), kept under ``.atlas-curate/<stage>/``.

@@ -132,8 +132,12 @@ class TemplateGrid:
         return img
 
 
-@lru_cache(maxsize=4)
 def template_grid(key: str = TEMPLATE_KEY) -> TemplateGrid:
     """The cached :class:`TemplateGrid` of a registry key (one header read per process)."""
+    return _template_grid(key)
+
+
+@lru_cache(maxsize=4)
+def _template_grid(key: str) -> TemplateGrid:
     template = get_template(key)
     return TemplateGrid(template, nib.load(template.t1w))

@@ -166,7 +166,7 @@ def measure(kind: str, root: str, jobs: int, limit: int | None, scratch: str) ->
         count, outcomes = accumulate(scan_jobs, workers=jobs)
         failed = [o for o in outcomes if not o.ok]
         if failed:
-            raise RuntimeError(f"{len(failed)} scans failed, e.g. {failed[0].scan}: {failed[0].reason}")
+            raise RuntimeError(f"{len(failed)} scans failed, e.g. {failed[0].key}: {failed[0].reason}")
         n = len(scan_jobs)
         prob = probability(count, n)
     else:

@@ -298,7 +298,7 @@ def test_validator_reports_no_errors(converted):
 def test_pybids_finds_every_t1_and_every_training_mask(converted):
     bids = pytest.importorskip("bids")
     release, output, result, _ = converted
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     layout = bids.BIDSLayout(str(output), derivatives=True)
     written = sorted(k for k in report.index if report.loc[k, "status"] in ("converted", "masks_withheld", "no_mask"))
     testing = sorted(k for k, r in release.truth["scans"].items() if r["plan"]["part"] == "testing")
@@ -316,7 +316,7 @@ def test_pybids_finds_every_t1_and_every_training_mask(converted):
 
 def test_masks_equal_source_voxel_for_voxel(converted):
     release, output, _, _ = converted
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     keys = sorted(report.index[report["status"] == "converted"])
     assert len(keys) >= 4
     for key in keys:
@@ -356,7 +356,7 @@ def test_masks_equal_source_voxel_for_voxel(converted):
 
 def test_testing_scans_are_no_mask_not_failures(converted):
     release, output, result, _ = converted
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     testing = sorted(k for k, r in release.truth["scans"].items() if r["plan"]["part"] == "testing")
     for key in testing:
         row = report.loc[key]
@@ -371,8 +371,11 @@ def test_testing_scans_are_no_mask_not_failures(converted):
 
 def test_faults_are_reported(converted):
     release, output, result, _ = converted
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     assert sorted(report.index) == sorted(set(release.truth["scans"]) | set(release.truth["faults"]))
+    # R2.0's scan IDs are BIDS keys already: scan == release_scan, n/a for a metadata row without a folder
+    assert {key: report.loc[key, "scan"] for key in report.index} == {
+        key: "n/a" if report.loc[key, "status"] == "no_scan" else key for key in report.index}
     faults = faults_by_kind(release)
     assert sorted(faults) == sorted(["truncated_gzip", "mask_grid", "empty_mask", "folder_without_row",
                                      "row_without_folder"])
@@ -392,7 +395,7 @@ def test_faults_are_reported(converted):
 
 def test_participants_and_sessions(converted):
     release, output, _, _ = converted
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     written = sorted(k for k in report.index if report.loc[k, "status"] in ("converted", "masks_withheld", "no_mask"))
     participants = read_tsv(output / "participants.tsv")
     assert dict(zip(participants["participant_id"], participants["cohort"])) == {
@@ -483,7 +486,7 @@ def test_components_are_26_connected_and_ordered_by_size(tmp_path):
     (anat / "notes.txt").write_text("x")
     out = tmp_path / "bids"
     result = convert(tmp_path / "rel", out, progress=False)
-    report = result.report.set_index("scan")
+    report = result.report.set_index("release_scan")
     row = report.loc["sub-r001s001_ses-1"]
     assert row["status"] == "converted" and row["n_lesions"] == 3
     assert row["lesion_volumes_mm3"] == "32.0;9.0;1.0"
@@ -508,7 +511,7 @@ def test_missing_training_mask_and_misfiled_cohort_are_reported(tmp_path):
     _tiny_release(tmp_path / "rel", {("Training", "R001", "sub-r001s001_ses-1"): None,
                                      ("Training", "R001", "sub-r002s001_ses-1"): mask})
     result = convert(tmp_path / "rel", tmp_path / "bids", progress=False)
-    report = result.report.set_index("scan")
+    report = result.report.set_index("release_scan")
     assert report.loc["sub-r001s001_ses-1", "status"] == "masks_withheld"
     assert "no_lesion_mask" in report.loc["sub-r001s001_ses-1", "reason"]
     assert report.loc["sub-r002s001_ses-1", "status"] == "converted"

@@ -235,6 +235,45 @@ def test_normalize_participant_label_takes_several_labels_after_one_flag(tmp_pat
     anat = tmp_path / "sub-01" / "ses-1" / "anat"
     anat.mkdir(parents=True)
     (anat / "sub-01_ses-1_T1w.nii.gz").write_bytes(b"")
-    assert [f[0] for f in find_inputs(tmp_path, ["sub-01"])] == ["01"]
+    assert [f.scan.sub for f in find_inputs(tmp_path, ["sub-01"])] == ["01"]
     with pytest.raises(ValueError, match="02"):
         find_inputs(tmp_path, ["01", "02"])
+
+
+def test_executor_options_reach_overlap_export_and_evaluate(tmp_path, monkeypatch):
+    """overlap-map, export nnunet and evaluate take --jobs/--executor/--scheduler like the other per-scan stages
+    and pass executor= and scheduler= to the library; normalize has no --template (the template is fixed)."""
+    import atlas_curate.evaluate as evaluate_module
+    import atlas_curate.export as export_module
+    import atlas_curate.overlap as overlap_module
+
+    seen = {}
+
+    def fake(name):
+        def record(*args, **kwargs):
+            seen[name] = {key: kwargs.get(key) for key in ("jobs", "executor", "scheduler")}
+            raise ValueError("stop here")
+        return record
+
+    monkeypatch.setattr(overlap_module, "overlap_map", fake("overlap-map"))
+    monkeypatch.setattr(export_module, "export_nnunet", fake("export"))
+    monkeypatch.setattr(evaluate_module, "evaluate", fake("evaluate"))
+    monkeypatch.setattr(evaluate_module, "evaluate_predictions", fake("evaluate --predictions"))
+    bids, run_dir, predictions = (tmp_path / name for name in ("bids", "run", "pred"))
+    for folder in (bids, run_dir, predictions):
+        folder.mkdir()
+    splits = tmp_path / "split.tsv"
+    splits.write_text("scan\tsplit\n")
+    dask = ["--jobs", "2", "--executor", "dask", "--scheduler", "tcp://127.0.0.1:8786"]
+    runner = CliRunner()
+    for name, args in [("overlap-map", ["overlap-map", str(bids)]),
+                       ("export", ["export", "nnunet", str(bids), str(splits), str(tmp_path / "out")]),
+                       ("evaluate", ["evaluate", str(run_dir)]),
+                       ("evaluate --predictions", ["evaluate", "--predictions", str(predictions), "--split",
+                                                   str(splits)])]:
+        runner.invoke(main, args + dask)
+        assert seen.pop(name) == {"jobs": 2, "executor": "dask", "scheduler": "tcp://127.0.0.1:8786"}, name
+        runner.invoke(main, args + ["--jobs", "1"])
+        assert seen.pop(name) == {"jobs": 1, "executor": "local", "scheduler": None}, name
+    result = runner.invoke(main, ["normalize", str(bids), "--template", "mni2009"])
+    assert result.exit_code == 2 and "No such option" in result.output and "--template" in result.output

@@ -134,7 +134,7 @@ def read_tsv(path: Path) -> pd.DataFrame:
 
 
 def written_scans(report: pd.DataFrame) -> list[str]:
-    return sorted(report.loc[report["status"].isin(["converted", "masks_withheld"]), "scan"])
+    return sorted(report.loc[report["status"].isin(["converted", "masks_withheld"]), "release_scan"])
 
 
 def source_rows(release) -> dict[str, dict]:
@@ -232,7 +232,7 @@ def test_pybids_finds_t1_and_lesion_masks(converted):
     layout = bids.BIDSLayout(str(converted.output), derivatives=True)
     report = read_report(converted.output)
     written = written_scans(report)
-    with_masks = sorted(report.loc[report["status"] == "converted", "scan"])
+    with_masks = sorted(report.loc[report["status"] == "converted", "release_scan"])
     assert written and with_masks
 
     t1s = layout.get(suffix="T1w", extension=".nii.gz")
@@ -255,7 +255,7 @@ def test_pybids_finds_t1_and_lesion_masks(converted):
 
 def test_masks_equal_source_voxel_for_voxel(converted):
     root, output = converted.release.root, converted.output
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     truth = converted.release.truth
     keys = sorted(report.index[report["status"] == "converted"])
     assert keys
@@ -327,11 +327,20 @@ def test_report_lists_every_fault_with_its_reason(converted):
     assert sorted(set(faults.values())) == sorted(["truncated_gzip", "mask_grid", "empty_mask",
                                                    "folder_without_row", "row_without_folder"])
     report = read_report(converted.output)
-    assert report["scan"].is_unique
-    assert sorted(report["scan"]) == sorted(set(truth["scans"]) | set(faults))
+    assert report["release_scan"].is_unique
+    assert sorted(report["release_scan"]) == sorted(set(truth["scans"]) | set(faults))
+    # scan: the BIDS scan key as in every other table; release_scan right after it; n/a without a scan folder
+    assert list(report.columns[:4]) == ["scan", "release_scan", "participant_id", "session_id"]
+    for _, row in report.iterrows():
+        if row["status"] == "no_scan":
+            assert (row["scan"], row["participant_id"], row["session_id"]) == ("n/a",) * 3, row.to_dict()
+            continue
+        sub, ses = labels(row["release_scan"])
+        assert (row["scan"], row["participant_id"], row["session_id"]) == (
+            f"sub-{sub}_ses-{ses}", f"sub-{sub}", f"ses-{ses}"), row.to_dict()
     pd.testing.assert_series_equal(converted.result.report["status"].astype(str), report["status"],
                                    check_names=False)
-    rows = report.set_index("scan")
+    rows = report.set_index("release_scan")
     for key, fault in faults.items():
         row = rows.loc[key]
         where = f"{key} ({fault}): {row.to_dict()}"
@@ -363,7 +372,7 @@ def test_primary_override_is_reported(converted):
     truth = converted.release.truth
     overrides = {k for k, rec in truth["scans"].items() if rec.get("primary_override")}
     assert overrides, "the synthetic release should hold a primary-override scan"
-    rows = read_report(converted.output).set_index("scan")
+    rows = read_report(converted.output).set_index("release_scan")
     for key in truth["scans"]:
         if rows.loc[key, "status"] != "converted":
             continue
@@ -394,7 +403,7 @@ def test_real_mricron_vois(tmp_path):
 
     result = convert(tmp_path / "release", tmp_path / "bids", progress=False)
     assert result.metadata_problems and any("metadata" in p for p in result.metadata_problems)
-    row = result.report.set_index("scan").loc[key]
+    row = result.report.set_index("release_scan").loc[key]
     out = tmp_path / "bids"
     t1_out = one(output_t1(out, "c0001s0001", "t01"), "T1")
     assert t1_out.read_bytes() == ch2.read_bytes(), "T1 not copied byte for byte"
@@ -496,7 +505,7 @@ def test_standard_session_whitespace_and_padded_subject_ids(standard_bids):
     padded = raw[raw["Session"] != raw["Session"].str.strip()]
     assert len(padded), "the synthetic csv should hold a Session cell with stray whitespace"
     assert (raw["INDI Subject ID"].str.len() < 6).any(), "the csv should hold unpadded subject IDs"
-    report = read_report(output).set_index("scan")
+    report = read_report(output).set_index("release_scan")
     checked = 0
     for _, row in padded.iterrows():
         key = f"{row['INDI Site ID'].strip()}/{int(row['INDI Subject ID']):06d}/{row['Session'].strip()}"
@@ -522,7 +531,7 @@ def test_standard_session_whitespace_and_padded_subject_ids(standard_bids):
 def edited_native(native_release, native_bids, tmp_path_factory):
     """One good scan of the native release with a 'Handedness' column and a Fazekas PVH of 7 in its row."""
     report = native_bids.result.report
-    key = sorted(k for k in report.loc[report["status"] == "converted", "scan"]
+    key = sorted(k for k in report.loc[report["status"] == "converted", "release_scan"]
                  if k not in native_release.truth["faults"])[0]
     base = tmp_path_factory.mktemp("edited")
     keep = {f"c{NATIVE_KEY.match(key)['cohort']}", key}
@@ -546,7 +555,7 @@ def edited_native(native_release, native_bids, tmp_path_factory):
 
 def test_unknown_spreadsheet_column_is_kept(edited_native):
     key, handedness, result, output = edited_native
-    assert result.report.set_index("scan").loc[key, "status"] == "converted"
+    assert result.report.set_index("release_scan").loc[key, "status"] == "converted"
     sub, ses = labels(key)
     sessions = read_tsv(output / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").set_index("session_id")
     assert "handedness" in sessions.columns, list(sessions.columns)
@@ -562,6 +571,90 @@ def test_bad_fazekas_grade_is_na_and_reported(edited_native):
     sessions = read_tsv(output / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").set_index("session_id")
     assert sessions.loc[f"ses-{ses}", "fazekas_pvh"] == "n/a"
     assert [p for p in result.metadata_problems if key in p and "PVH" in p], result.metadata_problems
+
+
+def test_dataset_descriptions(native_bids):
+    """The raw dataset's description links nothing; the lesion derivative's links the raw dataset."""
+    from atlas_curate import __version__, naming
+
+    raw = json.loads((native_bids.output / "dataset_description.json").read_text())
+    assert sorted(raw) == ["Authors", "BIDSVersion", "DatasetType", "GeneratedBy", "License", "Name",
+                           "ReferencesAndLinks"]
+    assert (raw["DatasetType"], raw["BIDSVersion"]) == ("raw", naming.BIDS_VERSION)
+    assert raw["GeneratedBy"] == [{"Name": "atlas-curate", "Version": __version__,
+                                   "Description": "bids-convert of the ATLAS R1.1-native archive"}]
+    derivative = json.loads((native_bids.output / "derivatives" / "lesions" / "dataset_description.json").read_text())
+    assert sorted(derivative) == ["BIDSVersion", "DatasetLinks", "DatasetType", "GeneratedBy", "License", "Name",
+                                  "SourceDatasets"]
+    assert (derivative["DatasetType"], derivative["BIDSVersion"]) == ("derivative", naming.BIDS_VERSION)
+    assert derivative["SourceDatasets"] == [{"URL": "bids:raw:"}] and derivative["DatasetLinks"] == {"raw": "../../"}
+    assert derivative["License"] == raw["License"]
+
+
+def _tiny_native_release(root: Path, keys: list[str]) -> None:
+    """Hand-made native scans on a 12 mm cube: T1, one smoothed and one raw lesion each."""
+    t1 = np.arange(12 ** 3, dtype=np.float32).reshape(12, 12, 12)
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[3:6, 3:6, 3:6] = 1
+    for key in keys:
+        folder = root / f"c{NATIVE_KEY.match(key)['cohort']}" / key
+        folder.mkdir(parents=True)
+        for data, name in ((t1, f"{key}.nii.gz"), (mask, f"{key}_LesionSmooth.nii.gz"),
+                           (mask, f"{key}_LesionRaw.nii.gz")):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / name)
+
+
+def test_session_less_scans(tmp_path, monkeypatch):
+    """A scan without a session (sub-X only) is written to sub-X/anat/ with sub-X_* names, reported with
+    session_id n/a, listed in participants.tsv, given no sessions.tsv row, and skipped when current."""
+    from dataclasses import replace
+
+    from atlas_curate.convert import pipeline
+    from atlas_curate.convert.scan import scan_outputs
+    from atlas_curate.naming import ScanRef
+
+    keys = ["c0001s0001t01", "c0002s0001t01"]
+    _tiny_native_release(tmp_path / "release", keys)
+    real = pipeline.discover
+
+    def session_less(*args, **kwargs):
+        flavour, scans = real(*args, **kwargs)
+        return flavour, [replace(scan, ref=ScanRef(scan.ref.sub)) for scan in scans]
+
+    monkeypatch.setattr(pipeline, "discover", session_less)
+    out = tmp_path / "bids"
+    result = convert(tmp_path / "release", out, progress=False)
+    report = read_report(out).set_index("release_scan")
+    lesions = out / "derivatives" / "lesions"
+    for key in keys:
+        sub = labels(key)[0]
+        row = report.loc[key]
+        assert (row["scan"], row["participant_id"], row["session_id"], row["status"]) == (
+            f"sub-{sub}", f"sub-{sub}", "n/a", "converted"), row.to_dict()
+        assert (out / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz").is_file()
+        assert (out / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.json").is_file()
+        for name in ("space-orig_label-L_desc-T1lesion_mask.nii.gz", "space-orig_label-L_desc-T1lesion_mask.json",
+                     "space-orig_desc-lesions_dseg.nii.gz", "space-orig_desc-lesions_dseg.tsv",
+                     "space-orig_label-L_desc-T1lesionRaw_mask.nii.gz", "space-orig_desc-lesionsRaw_dseg.tsv"):
+            assert (lesions / f"sub-{sub}" / "anat" / f"sub-{sub}_{name}").is_file(), name
+        assert (out / STATE_DIR / "convert" / f"sub-{sub}.json").is_file()
+    assert not list(out.rglob("ses-*")) and not list(out.glob("sub-*/*_sessions.tsv"))
+    assert sorted(read_tsv(out / "participants.tsv")["participant_id"]) == [f"sub-{labels(k)[0]}" for k in keys]
+    scan = next(iter(pipeline.discover(tmp_path / "release")[1]))
+    derived = "derivatives/lesions/sub-c0001s0001/anat/sub-c0001s0001_space-orig_"
+    assert {key: path.as_posix() for key, path in scan_outputs(scan).items()} == {
+        "t1w": "sub-c0001s0001/anat/sub-c0001s0001_T1w.nii.gz",
+        "lesion_mask": f"{derived}label-L_desc-T1lesion_mask.nii.gz",
+        "lesion_dseg": f"{derived}desc-lesions_dseg.nii.gz", "lesion_dseg_tsv": f"{derived}desc-lesions_dseg.tsv",
+        "raw_mask": f"{derived}label-L_desc-T1lesionRaw_mask.nii.gz",
+        "raw_dseg": f"{derived}desc-lesionsRaw_dseg.nii.gz", "raw_dseg_tsv": f"{derived}desc-lesionsRaw_dseg.tsv"}
+
+    hashes, mtimes = output_hashes(out), {p: p.stat().st_mtime_ns for p in lesions.glob("sub-*/**/*") if p.is_file()}
+    again = convert(tmp_path / "release", out, progress=False)
+    pd.testing.assert_frame_equal(again.report, result.report)
+    assert output_hashes(out) == hashes
+    assert mtimes and {p: p.stat().st_mtime_ns for p in lesions.glob("sub-*/**/*") if p.is_file()} == mtimes, \
+        "a current scan was redone"
 
 
 # --- 8. Dask ---------------------------------------------------------------------------------------
@@ -582,7 +675,7 @@ def test_cli_exits_1_and_prints_failed_scans(standard_release, tmp_path):
     out = tmp_path / "bids"
     result = CliRunner().invoke(main, ["bids-convert", str(standard_release.root), str(out), "--jobs", "2"])
     assert result.exit_code == 1, result.output
-    report = read_report(out).set_index("scan")
+    report = read_report(out).set_index("release_scan")
     bad = report.index[report["status"].isin(["failed", "masks_withheld"])]
     assert len(bad) == 3
     for key in bad:
@@ -624,6 +717,6 @@ def test_atlas2_naming_validates(native_release, tmp_path):
     layout = bids.BIDSLayout(str(out), derivatives=True)
     masks = layout.get(suffix="mask", label="L", desc="T1lesion", extension=".nii.gz")
     assert sorted((f.entities["subject"], f.entities["session"]) for f in masks) == \
-        sorted(labels(k, "atlas2") for k in result.report.loc[result.report["status"] == "converted", "scan"])
+        sorted(labels(k, "atlas2") for k in result.report.loc[result.report["status"] == "converted", "release_scan"])
     errors = validation_errors(out)
     assert not errors, f"atlas2 naming: {len(errors)} validator error(s):\n{format_issues(errors)}"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -21,9 +23,11 @@ from atlas_curate.evaluate import (
     evaluate_predictions,
     find_bids_root,
     group_table,
+    match_predictions,
     prediction_names,
     size_quartiles,
 )
+from atlas_curate.naming import SPACE
 from atlas_curate.templates import get_template
 
 
@@ -53,6 +57,39 @@ def test_size_quartiles_and_names():
     names = prediction_names("sub-r001s002_ses-1")
     assert names["mask"] == "sub-r001s002_ses-1_space-MNI152NLin2009aSym_label-L_desc-ResUNet_mask.nii.gz"
     assert names["probseg"].endswith("_label-L_desc-ResUNet_probseg.nii.gz")
+    # a scan without a session, and (as the start of the name) anything else
+    assert prediction_names("sub-r001s002") == {
+        "mask": f"sub-r001s002_space-{SPACE}_label-L_desc-ResUNet_mask.nii.gz",
+        "probseg": f"sub-r001s002_space-{SPACE}_label-L_desc-ResUNet_probseg.nii.gz"}
+    assert prediction_names("case7")["mask"] == f"case7_space-{SPACE}_label-L_desc-ResUNet_mask.nii.gz"
+
+
+def test_dsc_figure_leaves_the_matplotlib_backend_alone(tmp_path):
+    """The figure draws on its own Agg canvas: a program's backend (here svg) is not changed, no pyplot."""
+    code = ("import sys, matplotlib; matplotlib.use('svg'); import pandas as pd; "
+            "from atlas_curate.evaluate import dsc_volume_figure; "
+            "scans = pd.DataFrame({'volume_truth_mm3': [0.0, 800.0, 5000.0], 'dsc': [1.0, 0.4, 0.8], "
+            "'size_quartile': ['Q1', 'Q2', 'Q3']}); dsc_volume_figure(scans, __import__('pathlib').Path(sys.argv[1]), "
+            "'t'); assert matplotlib.get_backend() == 'svg' and 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "dsc.png")], check=True, timeout=120)
+    assert (tmp_path / "dsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_matching_names_with_and_without_sessions(tmp_path):
+    """Scan names and BIDS-style mask names, with or without a session; other spaces and suffixes refused."""
+    for name in ("sub-a1.nii.gz", f"sub-a2_ses-1_space-{SPACE}_label-L_desc-X_mask.nii.gz",
+                 "sub-a3_pred_mask.nii", "sub-a4_space-orig_mask.nii.gz", "sub-a5_probseg.nii.gz", "a6.nii.gz"):
+        _save(_cube(2, 4), tmp_path / name)
+    chosen, report, problems = match_predictions(
+        tmp_path, ["sub-a1", "sub-a2_ses-1", "sub-a3", "sub-a4", "sub-a5"])
+    assert {scan: path.name for scan, path in chosen.items()} == {
+        "sub-a1": "sub-a1.nii.gz", "sub-a2_ses-1": f"sub-a2_ses-1_space-{SPACE}_label-L_desc-X_mask.nii.gz",
+        "sub-a3": "sub-a3_pred_mask.nii"}
+    reasons = report.set_index("file")["reason"]
+    assert reasons["sub-a4_space-orig_mask.nii.gz"] == f"space-orig: not the {SPACE} grid of the manual masks"
+    assert reasons["sub-a5_probseg.nii.gz"] == "not a mask (suffix _probseg)"
+    assert "no cases table" in reasons["a6.nii.gz"]
+    assert [scan for scan, _ in problems] == ["sub-a4", "sub-a5"]
 
 
 def test_group_table():
@@ -247,6 +284,21 @@ def test_scoring_a_folder_by_hand(hand):
     text = result.text()
     assert "by cohort" in text and "by lesion-size quartile" in text and "challenge winner (test-set means)" in text
     assert "6-connected" in text and "2 NIfTI file(s)" in text
+
+
+def test_scoring_on_dask_writes_the_same_files(hand, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    local = evaluate_predictions(hand["folder"], hand["split"], output=tmp_path / "local", progress=False,
+                                 n_resamples=50)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        dask = evaluate_predictions(hand["folder"], hand["split"], output=tmp_path / "dask", progress=False,
+                                    n_resamples=50, executor="dask", scheduler=cluster.scheduler_address)
+    files = sorted(p.name for p in local.output.iterdir())
+    assert files == sorted(p.name for p in dask.output.iterdir()) and "dsc_vs_volume.png" in files
+    for name in files:
+        ours, theirs = (local.output / name).read_bytes(), (dask.output / name).read_bytes()
+        assert ours.replace(b"/local", b"/dask") == theirs, name
 
 
 def test_scoring_a_folder_with_26_connectivity(hand, tmp_path):

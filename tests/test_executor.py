@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from atlas_curate.executor import Outcome, Skip, outcomes_table, run_map, summarize
+from atlas_curate.executor import Failed, Outcome, Skip, outcomes_table, run_map, run_stream, summarize
 
 ITEMS = ["slow", "bad", "done", "fine"]
 
@@ -88,6 +88,90 @@ def test_run_map_dask():
         again = run_map(square, [4, 5], executor="dask", scheduler=cluster.scheduler_address, progress=False)
     _check(outcomes)
     assert [o.value for o in again] == [16, 25]
+
+
+class Drawn:
+    """An iterable of items that counts how many have been drawn from it (in this process)."""
+
+    def __init__(self, items):
+        self.items, self.drawn = list(items), 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.drawn += 1
+            yield item
+
+
+def _bounded(outcomes, drawn: Drawn, in_flight: int) -> list[Outcome]:
+    """Consume a stream, checking that at most ``in_flight`` items were drawn and not yet finished."""
+    seen = []
+    for outcome in outcomes:
+        assert drawn.drawn - len(seen) <= in_flight, (drawn.drawn, len(seen))
+        seen.append(outcome)
+    return seen
+
+
+def naps(item: float) -> float:
+    time.sleep(item)
+    return item
+
+
+@pytest.mark.parametrize("jobs, in_flight", [(1, None), (2, None), (2, 3)])
+def test_run_stream_is_bounded_and_yields_as_items_finish(jobs, in_flight):
+    items = Drawn(ITEMS)
+    outcomes = _bounded(run_stream(work, items, jobs=jobs, progress=False, in_flight=in_flight), items,
+                        in_flight or 2 * jobs if jobs > 1 else 1)
+    assert sorted(o.key for o in outcomes) == sorted(ITEMS) and items.drawn == len(ITEMS)
+    _check(sorted(outcomes, key=lambda o: ITEMS.index(o.key)))   # failures and skips isolated, values kept
+    if jobs == 1:
+        assert [o.key for o in outcomes] == ITEMS, "in this process: input order"
+    else:
+        assert outcomes[-1].key == "slow", "the slow item is yielded when it finishes, after the others"
+    # a longer generator through a window of two: never more than two drawn and not finished
+    many = Drawn(0.02 * (i % 3) for i in range(12))
+    keys = iter(range(12))
+    streamed = _bounded(run_stream(naps, many, key=lambda _: f"item-{next(keys)}", jobs=jobs, in_flight=2,
+                                   progress=False), many, 2 if jobs > 1 else 1)
+    assert len(streamed) == 12 and all(o.ok for o in streamed)
+
+
+def refuse(item: str) -> str:
+    raise Failed(f"{item}.nii.gz: not on the template grid")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_failed_carries_exactly_its_reason(jobs):
+    outcomes = run_map(refuse, ["a", "b"], jobs=jobs, progress=False)
+    assert [(o.status, o.reason) for o in outcomes] == [("failed", "a.nii.gz: not on the template grid"),
+                                                        ("failed", "b.nii.gz: not on the template grid")]
+
+
+def test_run_stream_checks_options_when_called_and_keys_as_drawn():
+    with pytest.raises(ValueError, match="executor"):
+        run_stream(square, [1], executor="slurm")
+    with pytest.raises(ValueError, match="scheduler"):
+        run_stream(square, [1], executor="dask")
+    with pytest.raises(ValueError, match="in_flight"):
+        run_stream(square, [1], in_flight=0)
+    stream = run_stream(square, [1, 2, 1], progress=False)
+    assert [next(stream).value, next(stream).value] == [1, 4]
+    with pytest.raises(ValueError, match="unique"):
+        next(stream)
+    assert list(run_stream(square, iter([]), jobs=2, progress=False)) == []
+
+
+def test_run_stream_dask_is_bounded():
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        items = Drawn(ITEMS)
+        outcomes = _bounded(run_stream(work, items, executor="dask", scheduler=cluster.scheduler_address,
+                                       in_flight=2, progress=False), items, 2)
+        many = Drawn(range(10))
+        squares = _bounded(run_stream(square, many, executor="dask", scheduler=cluster.scheduler_address,
+                                      in_flight=3, progress=False), many, 3)
+    _check(sorted(outcomes, key=lambda o: ITEMS.index(o.key)))
+    assert sorted(o.value for o in squares) == [i * i for i in range(10)]
 
 
 def test_default_jobs_follows_affinity_and_memory(monkeypatch):

@@ -122,6 +122,9 @@ def test_case_ids_follow_the_scan_names_and_fall_back_to_numbers():
                                                                "abtt01x"}
     clash = case_ids(["sub-a_ses-bt01", "sub-ab_ses-t01"], name="X")
     assert clash == {"sub-a_ses-bt01": "X_0001", "sub-ab_ses-t01": "X_0002"}
+    # a scan without a session: its subject label
+    assert case_ids(["sub-r001s001", "sub-r001s002_ses-1"]) == {"sub-r001s001": "r001s001",
+                                                                "sub-r001s002_ses-1": "r001s002ses1"}
 
 
 def test_layout_counts_and_dataset_json(tmp_path):
@@ -171,7 +174,7 @@ def test_labels_equal_the_source_masks_voxel_for_voxel(tmp_path):
         stored = nib.load(source_mask).get_data_dtype()
         plain = stored == np.uint8 and nib.load(source_mask).dataobj.slope == 1.0  # as stored in the file
         assert (label.stat().st_ino == source_mask.stat().st_ino) == plain
-        assert row.label_binarised == str(not plain)
+        assert row.label_binarised == str(not plain).lower()   # the tables' boolean convention: true/false
         kinds.add(str(stored))
     assert kinds == {"uint8", "float32", "int16"}
 
@@ -211,6 +214,20 @@ def test_copies_when_asked_and_output_is_deterministic(tmp_path):
     assert all(sha(a / f) == sha(b / f) for f in files)
     image = next((a / "imagesTr").iterdir())
     assert image.stat().st_nlink == 1
+
+
+def test_export_on_dask_writes_the_same_files(tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    root = tiny_dataset(tmp_path / "bids", odd_masks=True)
+    split = split_file(root, tmp_path, seed=0)
+    local = export_nnunet(root, split, tmp_path / "local", link=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        dask = export_nnunet(root, split, tmp_path / "dask", link=False, executor="dask",
+                             scheduler=cluster.scheduler_address)
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(dask).as_posix() for p in dask.rglob("*") if p.is_file())
+    assert all(sha(local / f) == sha(dask / f) for f in files)
 
 
 def test_existing_export_needs_overwrite_which_drops_stale_cases(tmp_path):
@@ -385,6 +402,10 @@ def test_a_dataset_id_in_use_needs_overwrite_but_the_same_export_does_not(tmp_pa
     before = files()
     assert export_nnunet(root, split, raw) == dataset  # the same split again: no overwrite needed
     assert files() == before
+    cases = dataset / "cases.tsv"   # an export written with True/False booleans is the same export too
+    cases.write_text(cases.read_text().replace("\tfalse\t", "\tFalse\t").replace("\ttrue\t", "\tTrue\t"))
+    assert files() != before
+    assert export_nnunet(root, split, raw) == dataset and files() == before
 
     other = raw / "Dataset501_Other"
     (other / "imagesTr").mkdir(parents=True)

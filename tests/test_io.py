@@ -213,3 +213,53 @@ def test_write_bytes_replaces_atomically(tmp_path):
     io.write_text("second\n", path)
     assert path.read_text() == "second\n"
     assert [p.name for p in tmp_path.iterdir()] == ["table.tsv"]
+
+
+def test_import_leaves_the_umask_alone():
+    """Importing the module neither sets nor reads the umask (it is read once, at the first atomic write)."""
+    import subprocess
+    import sys
+
+    code = ("import os\ncalls = []\nreal = os.umask\nos.umask = lambda m: calls.append(m) or real(m)\n"
+            "import atlas_curate.io\nassert calls == [], calls\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_atomic_writes_get_the_umask_permissions(tmp_path):
+    """mkstemp makes 0600 files; a finished output has the permissions of a plain open(): 0666 minus the umask."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    code = ("import os\nos.umask(0o027)\nfrom atlas_curate import io\n"
+            f"io.write_text('x', {str(tmp_path / 'a.tsv')!r})\nprint(oct(io.process_umask()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "0o27", done.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "a.tsv").st_mode) == 0o640
+    path = io.write_text("y", tmp_path / "b.tsv")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~io.process_umask()
+
+
+def test_umask_without_proc(monkeypatch):
+    """Where /proc/self/status cannot be read, the umask is read by setting and restoring it."""
+    import os
+
+    real = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self) == "/proc/self/status":
+            raise OSError("no /proc here")
+        return real(self, *args, **kwargs)
+
+    before = os.umask(0o022)
+    os.umask(0o077)
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    io.process_umask.cache_clear()
+    try:
+        assert io.process_umask() == 0o077
+        assert os.umask(0o077) == 0o077, "the umask must be restored"
+    finally:
+        os.umask(before)
+        io.process_umask.cache_clear()

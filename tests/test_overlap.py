@@ -372,10 +372,33 @@ def test_map_only_stream_matches_the_described_one(fake):
                             str(anat(base, scan) / f"{scan}_space-{SPACE}_desc-lesions_dseg.nii.gz"),
                             lesions=lesions, describe=describe) for scan in DEFAULT_IN]
             count, outcomes = accumulate(jobs)
-            assert all(o.ok for o in outcomes) and all(bool(o.stats.lesions) == describe for o in outcomes)
+            assert all(o.ok for o in outcomes) and all(bool(o.value.lesions) == describe for o in outcomes)
             counts.append(count)
         np.testing.assert_array_equal(counts[0], counts[1])
         np.testing.assert_array_equal(counts[0], binary(DEFAULT_IN, fake, primary=lesions == "primary").sum(axis=0))
+
+
+def test_stream_on_dask_matches_the_local_one_and_names_the_failing_file(fake):
+    """``accumulate`` on the executor: in this process, a pool and a Dask cluster give the same counts and the
+    same outcomes; a file that fails to decode fails its scan with the file's name and the reason."""
+    distributed = pytest.importorskip("dask.distributed")
+    base = fake.root / "derivatives" / "atlas-curate"
+    scans = [*DEFAULT_IN, "sub-07_ses-1"]
+    jobs = [ScanJob(scan, str(anat(base, scan) / f"{scan}_space-{SPACE}_label-L_desc-T1lesion_mask.nii.gz"),
+                    str(anat(base, scan) / f"{scan}_space-{SPACE}_desc-lesions_dseg.nii.gz")) for scan in scans]
+    runs = [accumulate(jobs), accumulate(jobs, workers=2)]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        runs.append(accumulate(jobs, executor="dask", scheduler=cluster.scheduler_address))
+    for count, outcomes in runs:
+        np.testing.assert_array_equal(count, runs[0][0])
+        assert [o.key for o in outcomes] == sorted(scans)
+        assert [(o.status, o.reason) for o in outcomes] == [(o.status, o.reason) for o in runs[0][1]]
+        assert [o.value for o in outcomes if o.ok] == [o.value for o in runs[0][1] if o.ok]
+    failed = {o.key: o.reason for o in runs[0][1] if not o.ok}
+    assert list(failed) == ["sub-07_ses-1"]
+    assert failed["sub-07_ses-1"].startswith(f"sub-07_ses-1_space-{SPACE}_label-L_desc-T1lesion_mask.nii.gz: ")
+    assert "truncated" in failed["sub-07_ses-1"]
 
 
 # --- outputs: determinism, figures, BIDS validity ----------------------------------------------------
@@ -399,6 +422,16 @@ def test_figures_are_publication_pngs(default_run):
     with Image.open(default_run.files["orthogonal"]) as img:
         rgb = np.asarray(img.convert("RGB"), dtype=int)
     assert ((rgb[..., 0] > 200) & (rgb[..., 2] < 80)).sum() > 1000
+
+
+def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
+    """The figures draw on their own Agg canvas: a program's backend (here svg) is not changed, no pyplot."""
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from atlas_curate.overlap import figures; "
+            "figures.volume_histogram([10.0, 200.0], [10.0, 150.0, 50.0], figures.Path(sys.argv[1]), title='t'); "
+            "assert matplotlib.get_backend() == 'svg' and 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "hist.png")], check=True, timeout=120)
+    with Image.open(tmp_path / "hist.png") as img:
+        assert img.format == "PNG" and tuple(round(v) for v in img.info["dpi"]) == (300, 300)
 
 
 def test_summary_names_the_figure_and_counts(default_run):

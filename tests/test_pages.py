@@ -134,6 +134,28 @@ def test_qc_verdict_counts_and_rater_decisions(tmp_path):
     assert text == "4 scans: 2 passed QC, 1 flagged, 1 error; 2 decided by a rater (1 exclude, 1 include)"
     qc.write_text("scan\tstatus\tqc_pass\nsub-a_ses-1\tok\tTrue\n")
     assert qc_verdict(qc) == ("1 scan: 1 passed QC, 0 flagged, 0 errors", "ok")
+    qc.write_text((header + rows).replace("\tTrue\t", "\ttrue\t").replace("\tFalse\t", "\tfalse\t"))
+    assert qc_verdict(qc) == ("4 scans: 2 passed QC, 1 flagged, 1 error", "warn")   # as tables.write_tsv writes
+
+
+@pytest.mark.parametrize("layout", ["scan is the release's name", "scan is the BIDS key, release_scan added"])
+def test_conversion_report_of_either_layout(tmp_path, layout):
+    """Reports written before ``release_scan`` existed (``scan`` = the release's name) read as the new ones do
+    (``scan`` = the BIDS key, ``n/a`` for a metadata row without a scan): the page names the release's scan."""
+    old = [("Site1/000001/t01", "converted", "n/a"), ("Site1/000002/t01", "failed", "truncated gzip"),
+           ("Site2/000003/t01", "no_scan", "no scan folder")]
+    keys = {"Site1/000001/t01": "sub-000001_ses-t01", "Site1/000002/t01": "sub-000002_ses-t01"}
+    root = bids_root(tmp_path)
+    if layout.startswith("scan is the release"):
+        lines = ["scan\tstatus\treason"] + ["\t".join(row) for row in old]
+    else:
+        lines = ["scan\trelease_scan\tstatus\treason"] + [f"{keys.get(r[0], 'n/a')}\t" + "\t".join(r) for r in old]
+    (root / "conversion_report.tsv").write_text("\n".join(lines) + "\n")
+    expected = "2 scans: 1 converted, 1 failed; 1 metadata row without a scan folder"
+    assert conversion_verdict(root / "conversion_report.tsv") == (expected, "warn")
+    text = text_of(write_index(root))
+    assert expected in text
+    assert "failed Site1/000002/t01: truncated gzip" in text and "no_scan Site2/000003/t01: no scan folder" in text
 
 
 def test_overlap_verdict(tmp_path):
@@ -299,7 +321,7 @@ def test_conversion_verdict_and_page_after_a_real_convert(converted):
     text = text_of(page)
     assert expected in text and "not run yet: atlas-curate normalize BIDS_ROOT" in text
     failed = next(r for r in rows if r["status"] == "failed")
-    assert f"failed {failed['scan']}: {failed['reason']}" in text
+    assert f"failed {failed['release_scan']}: {failed['reason']}" in text   # the release's name of the scan
     assert "../../conversion_report.tsv" in refs(page).hrefs and broken_refs(page) == []
 
 

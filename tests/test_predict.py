@@ -49,6 +49,18 @@ def test_output_names(tmp_path):
     assert loose["mask"].as_posix() == "patient 7_label-L_desc-ResUNet_mask.nii.gz"
 
 
+def test_output_names_without_session_and_of_other_bids_files(tmp_path):
+    bids = tmp_path / "ds"
+    anat = bids / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text("{}")
+    names = output_names(anat / "sub-01_acq-mprage_T1w.nii", native=True)
+    assert names["mask"].as_posix() == "sub-01/anat/sub-01_space-orig_label-L_desc-ResUNet_mask.nii.gz"
+    assert names["probseg"].as_posix() == "sub-01/anat/sub-01_space-orig_label-L_desc-ResUNet_probseg.nii.gz"
+    other = output_names(anat / "sub-01_FLAIR.nii.gz", native=False)      # a BIDS name, but not a T1w
+    assert other["probseg"].as_posix() == "sub-01_FLAIR_label-L_desc-ResUNet_probseg.nii.gz"
+
+
 def test_standardise_maps_white_matter_to_100():
     brain = template_arrays()["T1w"]
     image = brain * 300.0 + 7.0 * (brain > 0)

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from atlas_curate import io
+from atlas_curate import io, tables
 from atlas_curate.cli import main
 from atlas_curate.convert import convert
 from atlas_curate.dataset import scan_table
@@ -60,9 +60,10 @@ FAKE_SCANS = {  # scan: (status, qc_pass, reasons, error)
 }
 
 
-@pytest.fixture
-def fake(tmp_path) -> Path:
-    """A BIDS root holding only ``qc.tsv`` (every column of normalize's, an error with a quote and a tab)."""
+@pytest.fixture(params=["True/False", "true/false"])
+def fake(tmp_path, request) -> Path:
+    """A BIDS root holding only ``qc.tsv`` (every column of normalize's, an error with a quote and a tab), with
+    ``qc_pass`` as earlier versions wrote it (True/False) and as tables.write_tsv does (true/false)."""
     root = tmp_path / "bids"
     rows = [{"scan": scan, "participant_id": scan.split("_")[0], "session_id": scan.split("_")[1], "space_in": "orig",
              "status": status, "qc_pass": passed, "qc_reasons": reasons, "error": error,
@@ -70,7 +71,11 @@ def fake(tmp_path) -> Path:
                  "figure": f"{scan.split('_')[0]}/figures/{scan}_desc-normalize_T1w.png"} if status == "ok" else {})}
             for scan, (status, passed, reasons, error) in FAKE_SCANS.items()]
     table = pd.DataFrame(rows).reindex(columns=QC_COLUMNS)
-    io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a"), qc_file(root))
+    if request.param == "true/false":
+        tables.write_tsv(table, qc_file(root))
+        assert "\ttrue\t" in qc_file(root).read_text()
+    else:
+        io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a"), qc_file(root))
     return root
 
 

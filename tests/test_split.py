@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from atlas_curate.convert import convert
+from atlas_curate.dataset import first_sessions, scan_table
 from atlas_curate.io import InputError
 from atlas_curate.split import assign_splits, balance_table, load_split, make_split, write_split
 
@@ -273,12 +274,15 @@ def test_load_split_refuses_a_json_that_disagrees(converted, tmp_path):
         load_split(tsv)
 
 
-def test_qc_failed_scans_are_excluded_unless_asked(converted, tmp_path):
+@pytest.mark.parametrize("true,false", [("True", "False"), ("true", "false")])   # qc.tsv of any version
+def test_qc_failed_scans_are_excluded_unless_asked(converted, tmp_path, true, false):
     with_mask = sorted(s for s, (_, m) in lesion_files(converted).items() if m is not None)
     flagged, crashed = with_mask[0], with_mask[1]
+    passed = {s: ("ok", true, "") for s in lesion_files(converted)}
     root = fake_normalize(converted, tmp_path / "bids", {
-        flagged: ("ok", "False", "ncc_brain 0.21 < 0.5"),
-        crashed: ("failed", "False", "RuntimeError: registration diverged"),
+        **passed,
+        flagged: ("ok", false, "ncc_brain 0.21 < 0.5"),
+        crashed: ("failed", false, "RuntimeError: registration diverged"),
     })
     table = make_split(root, seed=0).set_index("scan")
     assert table.loc[flagged, "split"] == "excluded"
@@ -317,3 +321,44 @@ def test_keep_release_division_sets_the_release_test_scans_aside(converted, tmp_
     assert (plain.loc[no_mask, "split"] == "excluded").all()
     with pytest.raises(ValueError, match="'part' column"):
         make_split(converted, keep_release_division=True)
+
+
+def without_session(src: Path, dst: Path, subject: str) -> Path:
+    """A copy of ``src`` in which ``subject`` (one session) has none: its files in ``sub-X/anat`` named without the
+    ``ses`` entity (raw and lesion derivative), no sessions table."""
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+    for base in (dst, dst / "derivatives" / "lesions"):
+        for folder in sorted(base.glob(f"{subject}/ses-*/anat")):
+            session = folder.parent.name
+            target = base / subject / "anat"
+            target.mkdir(parents=True)
+            for path in sorted(folder.iterdir()):
+                path.rename(target / path.name.replace(f"_{session}_", "_"))
+            folder.rmdir()
+            folder.parent.rmdir()
+    (dst / subject / f"{subject}_sessions.tsv").unlink()
+    return dst
+
+
+def test_session_less_scans_are_found_and_split(converted, tmp_path):
+    on_disk = lesion_files(converted)
+    subjects = pd.Series([scan.split("_")[0] for scan in on_disk]).value_counts()
+    subject = sorted(s for s, n in subjects.items() if n == 1 and on_disk[next(k for k in on_disk
+                                                                                 if k.startswith(s + "_"))][1])[0]
+    root = without_session(converted, tmp_path / "bids", subject)
+    table = scan_table(root).set_index("scan")
+    assert subject in table.index and not any(scan.startswith(subject + "_") for scan in table.index)
+    assert len(table) == len(on_disk)
+    row = table.loc[subject]
+    assert pd.isna(row["session_id"]) and pd.isna(row["session"]) and row["participant_id"] == subject
+    t1 = root / "derivatives" / "lesions" / subject / "anat" / f"{subject}_space-{SPACE}_T1w.nii.gz"
+    assert Path(row["t1"]) == t1.resolve() and row["source"] == "standard" and row["has_mask"]
+    participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str).set_index("participant_id")
+    assert row["cohort"] == participants.loc[subject, "cohort"]          # participant metadata joins it
+    first = first_sessions(table.reset_index())
+    assert subject in set(first["scan"]) and first["participant_id"].is_unique
+    split = make_split(root, seed=0).set_index("scan")
+    assert split.loc[subject, "split"] in ("train", "dev", "test")
+    tsv, _ = write_split(make_split(root, seed=0), tmp_path / "split.tsv")
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert [r[2] for r in rows if r[0] == subject] == ["n/a"]           # no session: n/a in the table

@@ -38,8 +38,7 @@ class SourceScan:
     key: str                 # the release's scan ID: c0001s0001t01, Site1/031768/t01 or sub-r001s001_ses-1
     flavour: str             # native | standard | atlas2
     cohort: str
-    subject: str             # BIDS labels
-    session: str
+    ref: naming.ScanRef      # the scan in the BIDS dataset (sub-X_ses-Y)
     folder: str
     t1: str | None = None
     smooth: dict[int, dict[str, str]] = field(default_factory=dict)   # index -> {ext: path}
@@ -49,6 +48,16 @@ class SourceScan:
     part: str = ""                 # atlas2: training | testing
     merged_mask: bool = False      # one mask holds every lesion (R2.0): identity is derived, not read
     mask_expected: bool = True     # False where the release withholds masks by design (R2.0 testing)
+
+    @property
+    def subject(self) -> str:
+        """BIDS subject label (without ``sub-``)."""
+        return self.ref.sub
+
+    @property
+    def session(self) -> str | None:
+        """BIDS session label (without ``ses-``); ``None`` for a session-less scan."""
+        return self.ref.ses
 
 
 def atlas2_root(root: Path) -> Path:
@@ -110,11 +119,10 @@ def _atlas2_scan(session_dir: Path, cohort_dir: Path, part: str, naming_scheme: 
         sid = Atlas2ScanId.parse_parts(session_dir.parent.name, session_dir.name)
     except IdError as exc:
         raise ReleaseError(f"{session_dir}: {exc}") from exc
-    if session_dir.parent.name != f"sub-{sid.subject_id}" or session_dir.name != f"ses-{sid.session}":
+    if session_dir.parts[-2:] != naming.atlas2_scan_dir(sid, part).parts[-3:-1]:
         raise ReleaseError(f"{session_dir}: folders must be named sub-rNNNsNNN/ses-N")
-    sub, ses = sid.bids_labels(naming_scheme)
-    scan = SourceScan(str(sid), "atlas2", sid.cohort_id, sub, ses, str(session_dir), part=part, merged_mask=True,
-                      mask_expected=part == "training")
+    scan = SourceScan(str(sid), "atlas2", sid.cohort_id, naming.ScanRef(*sid.bids_labels(naming_scheme)),
+                      str(session_dir), part=part, merged_mask=True, mask_expected=part == "training")
     if sid.cohort_id != cohort_dir.name:
         scan.problems.append(f"cohort_folder: scan {sid} is filed under {cohort_dir.name}")
     t1_names = {naming.atlas2_t1_name(sid, ext) for ext in (".nii.gz", ".nii")}
@@ -168,8 +176,8 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                     sid = ScanId.parse(folder.name)
                 except IdError as exc:
                     raise ReleaseError(f"{folder}: {exc}") from exc
-                sub, ses = sid.bids_labels(naming_scheme)
-                scan = SourceScan(str(sid), "native", sid.cohort_id, sub, ses, str(folder))
+                scan = SourceScan(str(sid), "native", sid.cohort_id, naming.ScanRef(*sid.bids_labels(naming_scheme)),
+                                  str(folder))
                 if sid.cohort_id != cohort_dir.name:
                     scan.problems.append(f"cohort_folder: scan {sid} is filed under {cohort_dir.name}")
                 _add_files(scan, folder, (f"{sid}.nii.gz", f"{sid}.nii"), str(sid))
@@ -185,8 +193,8 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                         raise ReleaseError(f"{session_dir}: {exc}") from exc
                     if subject_dir.name != sid.subject_id:
                         raise ReleaseError(f"{subject_dir}: subject folder is not zero-padded to 6 digits")
-                    sub, ses = sid.bids_labels(naming_scheme)
-                    scan = SourceScan(str(sid), "standard", sid.cohort_id, sub, ses, str(session_dir))
+                    scan = SourceScan(str(sid), "standard", sid.cohort_id,
+                                      naming.ScanRef(*sid.bids_labels(naming_scheme)), str(session_dir))
                     stem = sid.file_stem
                     _add_files(scan, session_dir, (f"{stem}_t1w_deface_stx.nii.gz", f"{stem}_t1w_deface_stx.nii"),
                                stem)
@@ -195,12 +203,11 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
         scans = _discover_atlas2(root, naming_scheme)
     else:
         raise ReleaseError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[naming.ScanRef, str] = {}
     for scan in scans:
-        other = seen.setdefault((scan.subject, scan.session), scan.key)
+        other = seen.setdefault(scan.ref, scan.key)
         if other != scan.key:
-            raise ReleaseError(f"scans {other} and {scan.key} map to the same BIDS labels "
-                               f"sub-{scan.subject} ses-{scan.session}")
+            raise ReleaseError(f"scans {other} and {scan.key} map to the same BIDS scan {scan.ref.key}")
     return flavour, sorted(scans, key=lambda s: s.key)
 
 

@@ -12,7 +12,6 @@ taken to describe ``ses-1``.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import tables
 from ..ids import Atlas2ScanId, IdError, IndiScanId, ScanId
 from ..io import InputError
 from ..resources import data_dir
@@ -55,12 +55,12 @@ def load_mapping(flavour: str) -> tuple[ColumnSpec, ...]:
 
 @lru_cache(maxsize=None)
 def levels() -> dict:
-    return json.loads((data_dir("metadata") / "levels.json").read_text())
+    return tables.read_json(data_dir("metadata") / "levels.json")
 
 
 @lru_cache(maxsize=None)
 def fixed_columns() -> dict:
-    return json.loads((data_dir("metadata") / "columns.json").read_text())
+    return tables.read_json(data_dir("metadata") / "columns.json")
 
 
 def read_table(path: Path) -> pd.DataFrame:

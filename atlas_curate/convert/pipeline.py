@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -10,22 +9,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import __version__, io, naming
+from .. import __version__, io, naming, tables
 from ..executor import outcomes_table, run_map
 from ..index import refresh_index
 from .discover import ReleaseError, SourceScan, discover, find_metadata
 from .metadata import Metadata, column_sidecar, fixed_columns, load_metadata
-from .scan import ScanJob, convert_scan
+from .scan import REPORT_COLUMNS, ScanJob, convert_scan, report_row
 
 log = logging.getLogger(__name__)
 
-BIDS_VERSION = "1.10.0"
 RELEASES = {"native": "R1.1-native", "standard": "R1.1-standard", "atlas2": "R2.0"}
 REFERENCES = {"R2.0": "Liew et al. 2022, Sci Data 9:320, doi:10.1038/s41597-022-01401-7"}
 WRITTEN_STATUSES = ("converted", "masks_withheld", "no_mask")   # scans whose T1 is in the dataset
-REPORT_COLUMNS = ["scan", "participant_id", "session_id", "status", "reason", "n_lesions",
-                  "lesion_volumes_mm3", "primary_override", "checks"]
 FAILED_STATUSES = ("failed", "masks_withheld")
+LICENSE = "Restricted: ATLAS data use agreement"
 
 
 @dataclass
@@ -43,27 +40,10 @@ class ConversionResult:
         counts = self.report["status"].value_counts().to_dict()
         lines = [f"{len(self.report)} report rows: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
         for _, row in self.report[self.report["status"].isin(FAILED_STATUSES + ("no_scan",))].iterrows():
-            lines.append(f"  {row['status'].upper()} {row['scan']}: {row['reason']}")
+            lines.append(f"  {row['status'].upper()} {row['release_scan']}: {row['reason']}")
         lines += [f"  {p}" for p in self.metadata_problems]
         lines.append(f"report: {self.output / 'conversion_report.tsv'}")
         return "\n".join(lines)
-
-
-def _tsv_cell(value) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
-        return "n/a"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return " ".join(str(value).split())
-
-
-def _write_tsv(rows: list[dict], columns: list[str], path: Path) -> None:
-    lines = ["\t".join(columns)] + ["\t".join(_tsv_cell(row.get(c)) for c in columns) for row in rows]
-    io.write_text("\n".join(lines) + "\n", path)
-
-
-def _write_json(doc: dict, path: Path) -> None:
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", path)
 
 
 def _check_paths(source: Path, output: Path) -> None:
@@ -73,24 +53,18 @@ def _check_paths(source: Path, output: Path) -> None:
 
 def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
     release = RELEASES[flavour]
-    generated = [{"Name": "atlas-curate", "Version": __version__,
-                  "Description": f"bids-convert of the ATLAS {release} archive"}]
-    _write_json({
-        "Name": f"ATLAS {release.replace('-', ' ')} (Anatomical Tracings of Lesions After Stroke)",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "raw",
-        "License": "Restricted: ATLAS data use agreement",
-        "Authors": ["Sook-Lei Liew", "Julia M. Anglin", "Nick W. Banks", "ATLAS contributors"],
-        "ReferencesAndLinks": ["Liew et al. 2018, Sci Data 5:180011, doi:10.1038/sdata.2018.11"]
-                              + ([REFERENCES[release]] if release in REFERENCES else []),
-        "GeneratedBy": generated,
-    }, output / "dataset_description.json")
+    tables.write_dataset_description(
+        output, f"ATLAS {release.replace('-', ' ')} (Anatomical Tracings of Lesions After Stroke)",
+        description=f"bids-convert of the ATLAS {release} archive", dataset_type="raw", raw_link=None,
+        License=LICENSE, Authors=["Sook-Lei Liew", "Julia M. Anglin", "Nick W. Banks", "ATLAS contributors"],
+        ReferencesAndLinks=["Liew et al. 2018, Sci Data 5:180011, doi:10.1038/sdata.2018.11"]
+                           + ([REFERENCES[release]] if release in REFERENCES else []))
     readme = (
         "ATLAS: Anatomical Tracings of Lesions After Stroke\n\n"
         f"Converted to BIDS by atlas-curate {__version__} from the {release} archive.\n\n"
         "* T1-weighted images: sub-*/ses-*/anat/*_T1w.nii.gz"
         + (" (copied byte for byte unless the header had to change)" if flavour == "native" else
-           " are in template space and live in derivatives/lesions/ (space-MNI152NLin2009aSym)") + ".\n"
+           f" are in template space and live in derivatives/lesions/ (space-{naming.SPACE})") + ".\n"
         "* Hand-traced lesions: derivatives/lesions/ (union mask label-L_desc-T1lesion, per-lesion\n"
         "  identity desc-lesions_dseg with 1 = primary, unsmoothed tracings desc-T1lesionRaw).\n"
         + ("* R2.0 ships one mask per scan (all lesions merged): the dseg's lesions are its 26-connected\n"
@@ -103,18 +77,13 @@ def _dataset_files(output: Path, flavour: str, metadata: Metadata) -> None:
     io.write_text(readme, output / "README")
     io.write_text(f"1.0.0\n  - Converted from the ATLAS {release} archive by atlas-curate {__version__}.\n",
                   output / "CHANGES")
-    io.write_text("conversion_report.tsv\n.atlas-curate/\n", output / ".bidsignore")
+    io.write_text(f"conversion_report.tsv\n{naming.STATE_DIR.as_posix()}/\n", output / ".bidsignore")
     derivative = output / naming.LESION_DERIVATIVE
-    _write_json({
-        "Name": f"ATLAS {release} hand-traced lesion masks",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [{**generated[0], "Description": "Lesion tracings of the ATLAS release (MRIcron VOI / "
-                         "NIfTI) decoded, checked against their T1w grid and written as BIDS derivatives"}],
-        "SourceDatasets": [{"URL": "bids:raw:"}],
-        "DatasetLinks": {"raw": "../../"},
-        "License": "Restricted: ATLAS data use agreement",
-    }, derivative / "dataset_description.json")
+    tables.write_dataset_description(
+        derivative, f"ATLAS {release} hand-traced lesion masks",
+        description="Lesion tracings of the ATLAS release (MRIcron VOI / NIfTI) decoded, checked against their "
+                    "T1w grid and written as BIDS derivatives",
+        dataset_type="derivative", raw_link="../../", License=LICENSE)
     io.write_text("ATLAS lesion derivatives\n\nHand-traced lesion masks of the ATLAS release, converted by "
                   f"atlas-curate {__version__}: see the raw dataset's README two levels up.\n", derivative / "README")
 
@@ -127,26 +96,27 @@ def _tables(output: Path, scans: list[SourceScan], written: set[str], metadata: 
     for scan in scans:
         if scan.key not in written:
             continue
-        values = metadata.rows.get(scan.key, {})
-        part = participants.setdefault(scan.subject, {"participant_id": f"sub-{scan.subject}", "cohort": scan.cohort,
-                                                      "release": RELEASES[flavour]})
+        values, ref = metadata.rows.get(scan.key, {}), scan.ref
+        part = participants.setdefault(ref.participant_id, {"participant_id": ref.participant_id,
+                                                            "cohort": scan.cohort, "release": RELEASES[flavour]})
         for spec in part_specs:
             if part.get(spec.column) is None:
                 part[spec.column] = values.get(spec.column)
-        sessions.setdefault(scan.subject, []).append(
-            {"session_id": f"ses-{scan.session}", "source_id": scan.key, "part": scan.part or None,
-             **{s.column: values.get(s.column) for s in sess_specs}})
+        if ref.session_id is not None:   # a session-less scan has no sessions.tsv row
+            sessions.setdefault(ref.sub, []).append(
+                {"session_id": ref.session_id, "source_id": scan.key, "part": scan.part or None,
+                 **{s.column: values.get(s.column) for s in sess_specs}})
     fixed = fixed_columns()
     part_cols = ["participant_id", "cohort", "release"] + [s.column for s in part_specs]
-    _write_tsv([participants[k] for k in sorted(participants)], part_cols, output / "participants.tsv")
-    _write_json({**{c: fixed[c] for c in ("participant_id", "cohort", "release")}, **column_sidecar(part_specs)},
-                output / "participants.json")
+    tables.write_rows([participants[k] for k in sorted(participants)], part_cols, output / "participants.tsv")
+    tables.write_json({**{c: fixed[c] for c in ("participant_id", "cohort", "release")},
+                       **column_sidecar(part_specs)}, output / "participants.json")
     scan_cols = ["session_id", "source_id"] + (["part"] if any(scan.part for scan in scans) else [])
     sess_cols = scan_cols + [s.column for s in sess_specs]
     for subject, rows in sessions.items():
-        _write_tsv(sorted(rows, key=lambda r: r["session_id"]), sess_cols, output / naming.sessions_table(subject))
-    _write_json({**{c: fixed[c] for c in scan_cols}, **column_sidecar(sess_specs)},
-                output / "sessions.json")
+        tables.write_rows(sorted(rows, key=lambda r: r["session_id"]), sess_cols,
+                          output / naming.sessions_table(subject))
+    tables.write_json({**{c: fixed[c] for c in scan_cols}, **column_sidecar(sess_specs)}, output / "sessions.json")
 
 
 def convert(source: os.PathLike | str, output: os.PathLike | str, *, metadata: os.PathLike | str | None = None,
@@ -173,23 +143,20 @@ def convert(source: os.PathLike | str, output: os.PathLike | str, *, metadata: o
         if outcome.value is not None:
             row = dict(outcome.value)
         else:
-            row = {"scan": scan.key, "participant_id": f"sub-{scan.subject}", "session_id": f"ses-{scan.session}",
-                   "status": "failed", "reason": outcome.reason, "n_lesions": len(scan.smooth),
-                   "lesion_volumes_mm3": "", "primary_override": False, "checks": ""}
+            row = report_row(scan.key, scan.ref, "failed", outcome.reason, n_lesions=len(scan.smooth),
+                             primary_override=False)
         if meta.path is not None and scan.key not in meta.rows:
             row["checks"] = "; ".join(filter(None, [row["checks"], "no_metadata_row: the metadata table has no row "
                                                     "for this scan (its metadata are n/a)"]))
         rows.append(row)
     present = {scan.key for scan in scans}
     for key in sorted(set(meta.rows) - present):
-        rows.append({"scan": key, "participant_id": "", "session_id": "", "status": "no_scan",
-                     "reason": "metadata row without a scan folder", "n_lesions": "", "lesion_volumes_mm3": "",
-                     "primary_override": "", "checks": ""})
-    written = {r["scan"] for r in rows if r["status"] in WRITTEN_STATUSES}
+        rows.append(report_row(key, None, "no_scan", "metadata row without a scan folder"))
+    written = {r["release_scan"] for r in rows if r["status"] in WRITTEN_STATUSES}
     _dataset_files(output, flavour, meta)
     _tables(output, scans, written, meta, flavour)
     report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
-    _write_tsv(rows, REPORT_COLUMNS, output / "conversion_report.tsv")
+    tables.write_rows(rows, REPORT_COLUMNS, output / "conversion_report.tsv")
     timing = outcomes_table(outcomes)
     log.info("conversion timings:\n%s", timing.to_string(index=False))
     refresh_index(output)

@@ -1,41 +1,52 @@
 """Convert one scan: T1 into the BIDS dataset, lesion tracings into the lesion derivative.
 
 Pure function of its job (paths in, files out, a report row back), so it runs unchanged in a
-process pool or on a Dask worker, and is skipped when its manifest says it is done.
+process pool or on a Dask worker, and is skipped when its manifest says it is done. Reading and
+checking (:func:`read_scan`) come first and write nothing; :func:`write_scan` then writes the T1 and
+each lesion set (smoothed, and unsmoothed where the release has it) with one routine.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .. import __version__, io, naming
-from ..executor import Skip
+from .. import __version__, io, naming, tables
 from .discover import SourceScan
 
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
 MASK_PREFERENCE = ("nii.gz", "nii", "voi")
 MAX_LABEL = 255   # label images are uint8
-# (union mask, dseg) sidecar descriptions: per-lesion release files (R1.1) or one merged mask (R2.0)
-MASK_DESCRIPTIONS = {
-    False: ("Union of the release's smoothed lesion masks (hand tracings smoothed with a 2 mm FWHM Gaussian, "
-            "thresholded at 0.5)",
-            "Lesion identity: 1 = primary lesion, 2.. = secondary lesions in release order (largest to smallest)"),
-    True: ("The release's lesion mask (one mask per scan, all lesions merged), binarised with > 0",
-           "Lesion identity DERIVED from the release's merged mask, not given by the release: the 26-connected "
-           "components, 1 = the largest (taken as primary), 2.. in decreasing size"),
+SMOOTH, RAW = "smooth", "raw"
+#: the naming spec's (union mask, dseg, dseg table) outputs of each lesion set
+LESION_OUTPUTS = {SMOOTH: ("lesion_mask", "lesion_dseg", "lesion_dseg_tsv"),
+                  RAW: ("raw_mask", "raw_dseg", "raw_dseg_tsv")}
+# (union mask, dseg) sidecar descriptions by (lesion set, merged mask): per-lesion release files (R1.1) or
+# one merged mask (R2.0)
+DESCRIPTIONS = {
+    (SMOOTH, False): ("Union of the release's smoothed lesion masks (hand tracings smoothed with a 2 mm FWHM "
+                      "Gaussian, thresholded at 0.5)",
+                      "Lesion identity: 1 = primary lesion, 2.. = secondary lesions in release order (largest to "
+                      "smallest)"),
+    (SMOOTH, True): ("The release's lesion mask (one mask per scan, all lesions merged), binarised with > 0",
+                     "Lesion identity DERIVED from the release's merged mask, not given by the release: the "
+                     "26-connected components, 1 = the largest (taken as primary), 2.. in decreasing size"),
+    (RAW, False): ("Union of the release's unsmoothed hand tracings",
+                   "Unsmoothed hand tracings: 1 = primary, 2.. = secondary lesions"),
 }
+DERIVED_IDENTITY = "derived (26-connected components by size), not from the release"
 DSEG_COLUMNS = {
     "volume_mm3": {"Description": "Lesion volume in the T1w's native space", "Units": "mm^3"},
     "source_file": {"Description": "Release file the label was decoded from (relative to the release root)"},
 }
+DSEG_TABLE_COLUMNS = ["index", "name", "volume_mm3", "source_file"]
+#: conversion_report.tsv: ``scan`` is the BIDS scan key (as in every other table), ``release_scan`` the
+#: release's own scan ID; a metadata row without a scan folder has no BIDS key (``n/a``)
+REPORT_COLUMNS = ["scan", "release_scan", "participant_id", "session_id", "status", "reason", "n_lesions",
+                  "lesion_volumes_mm3", "primary_override", "checks"]
 
 
 @dataclass(frozen=True)
@@ -43,51 +54,71 @@ class ScanJob:
     scan: SourceScan
     source_root: str
     output: str
-    release: str          # R1.1-native | R1.1-standard
+    release: str          # R1.1-native | R1.1-standard | R2.0
     overwrite: bool = False
 
 
+@dataclass
+class LesionSet:
+    """One kind of tracing of a scan, read and checked: a mask per lesion (index 0 = primary), the release
+    file of each (relative to the release root) and, once it is to be written, the label image."""
+
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    sources: dict[int, str] = field(default_factory=dict)
+    dseg: np.ndarray | None = None
+
+
+@dataclass
+class ScanResult:
+    """What :func:`read_scan` found: the T1 (and whether it must be re-encoded), the lesion sets, the
+    checks (reported) and the fatal problems (masks withheld)."""
+
+    t1: nib.Nifti1Image
+    reencode: bool
+    voxel_mm3: float
+    smooth: LesionSet
+    raw: LesionSet
+    volumes: list[float]
+    override: bool
+    checks: list[str]
+    fatal: list[str]
+
+    def lesion_sets(self) -> dict[str, LesionSet]:
+        """The lesion sets to write (those given a label image), smoothed first."""
+        return {kind: s for kind, s in ((SMOOTH, self.smooth), (RAW, self.raw)) if s.dseg is not None}
+
+
+def scan_space(scan: SourceScan) -> str:
+    """The space label of the scan's outputs: scanner space (native release) or the template's."""
+    return naming.NATIVE_SPACE if scan.flavour == "native" else naming.SPACE
+
+
+def t1_output(scan: SourceScan) -> str:
+    """The naming spec's key of the scan's T1: raw T1w (native release) or the template-space derivative."""
+    return "t1w" if scan.flavour == "native" else "standard_t1w"
+
+
 def scan_outputs(scan: SourceScan) -> dict[str, Path]:
-    """Output paths (relative to the BIDS root) of one scan; one function owns the naming."""
-    sub, ses = scan.subject, scan.session
-    lesions = naming.LESION_DERIVATIVE
-    space = "orig" if scan.flavour == "native" else TEMPLATE_SPACE
-    out = {
-        "mask": lesions / naming.bids_path(sub, ses, "mask", space=space, label="L", desc="T1lesion"),
-        "dseg": lesions / naming.bids_path(sub, ses, "dseg", space=space, desc="lesions"),
-        "dseg_tsv": lesions / naming.bids_path(sub, ses, "dseg", ".tsv", space=space, desc="lesions"),
-        "raw_mask": lesions / naming.bids_path(sub, ses, "mask", space=space, label="L", desc="T1lesionRaw"),
-        "raw_dseg": lesions / naming.bids_path(sub, ses, "dseg", space=space, desc="lesionsRaw"),
-        "raw_dseg_tsv": lesions / naming.bids_path(sub, ses, "dseg", ".tsv", space=space, desc="lesionsRaw"),
-    }
-    if scan.flavour == "native":
-        out["t1"] = naming.bids_path(sub, ses, "T1w")
-    else:
-        out["t1"] = lesions / naming.bids_path(sub, ses, "T1w", space=TEMPLATE_SPACE)
-    return out
+    """Output paths (relative to the BIDS root) of one scan, by naming-spec key."""
+    keys = (t1_output(scan), *LESION_OUTPUTS[SMOOTH], *LESION_OUTPUTS[RAW])
+    return {key: naming.output_path(key, scan.ref, space=scan_space(scan)) for key in keys}
 
 
-def manifest_path(output: Path, scan: SourceScan) -> Path:
-    return output / naming.STATE_DIR / "convert" / f"sub-{scan.subject}_ses-{scan.session}.json"
+def report_row(release_key: str, ref: naming.ScanRef | None, status: str, reason: str = "", **values) -> dict:
+    """One ``conversion_report.tsv`` row (missing values empty, written ``n/a``)."""
+    row = dict.fromkeys(REPORT_COLUMNS, "")
+    if ref is not None:
+        row.update(scan=ref.key, participant_id=ref.participant_id, session_id=ref.session_id or "")
+    row.update(release_scan=release_key, status=status, reason=reason, **values)
+    return row
 
 
-def _fingerprint(scan: SourceScan) -> str:
-    files = [scan.t1 or ""] + [p for table in (scan.smooth, scan.raw) for d in table.values() for p in d.values()]
-    digest = hashlib.sha256(__version__.encode())
-    for path in sorted(files):
-        stat = os.stat(path) if path else None
-        digest.update(f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}".encode())
-    return digest.hexdigest()
-
-
-def _bids_uri(path: Path) -> str:
-    return f"bids:raw:{path.as_posix()}"
-
+# --- reading and checking ------------------------------------------------------------------------
 
 def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str, checks: list[str],
-                fatal: list[str], rel) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+                fatal: list[str], root: Path) -> LesionSet:
     """Read each lesion's mask (preferring NIfTI over VOI), checking grid, binarity and emptiness."""
-    masks, sources = {}, {}
+    found = LesionSet()
     for index in sorted(files):
         exts = files[index]
         label = "T1lesion_mask" if kind == "merged" else f"Lesion{kind}" + (f"_{index}" if index else "")
@@ -115,12 +146,12 @@ def _read_masks(files: dict[int, dict[str, str]], t1: nib.Nifti1Image, kind: str
                         checks.append(f"voi_nifti_differ: {label}.{other_ext} differs from {label}.{ext}")
                 except io.InputError as exc:
                     checks.append(f"unreadable_mask: {label}.{other_ext}: {exc.reason} (used .{ext})")
-        masks[index] = mask
-        sources[index] = rel(exts[ext])
+        found.masks[index] = mask
+        found.sources[index] = Path(exts[ext]).relative_to(root).as_posix()
     expected = set(range(len(files)))
     if set(files) != expected and files:
         checks.append(f"lesion_numbering: {kind} indices {sorted(files)} are not 0..{len(files) - 1}")
-    return masks, sources
+    return found
 
 
 def _dseg(masks: dict[int, np.ndarray], checks: list[str], kind: str) -> np.ndarray:
@@ -156,41 +187,8 @@ def _components(mask: np.ndarray, checks: list[str]) -> dict[int, np.ndarray]:
             for index, group in enumerate(order)}
 
 
-def _save_label(data: np.ndarray, t1: nib.Nifti1Image, path: Path) -> None:
-    img = nib.Nifti1Image(np.asfortranarray(data, dtype=np.uint8), t1.affine)
-    img.set_sform(t1.get_sform(), code=int(t1.header["sform_code"]) or 1)
-    img.set_qform(t1.get_qform(), code=int(t1.header["qform_code"]) or 1)
-    space_unit, time_unit = t1.header.get_xyzt_units()
-    img.header.set_xyzt_units(space_unit if space_unit != "unknown" else "mm", time_unit)
-    io.save_nifti(img, path)
-
-
-def _json(doc: dict, path: Path) -> None:
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", path)
-
-
-def _dseg_table(masks: dict[int, np.ndarray], sources: dict[int, str], voxel_mm3: float, kind: str) -> str:
-    lines = ["index\tname\tvolume_mm3\tsource_file"]
-    for label, index in enumerate(sorted(masks), start=1):
-        name = "primary" if index == 0 else f"secondary{index}"
-        lines.append(f"{label}\t{name}\t{masks[index].sum() * voxel_mm3:.3f}\t{sources[index]}")
-    return "\n".join(lines) + "\n"
-
-
-def convert_scan(job: ScanJob) -> dict:
-    """Convert one scan; returns its conversion-report row (raises on an unreadable T1)."""
-    scan, output, root = job.scan, Path(job.output), Path(job.source_root)
-    outputs = scan_outputs(scan)
-    manifest = manifest_path(output, scan)
-    fingerprint = _fingerprint(scan)
-    if not job.overwrite and manifest.is_file():
-        done = json.loads(manifest.read_text())
-        if done.get("fingerprint") == fingerprint and all((output / p).is_file() for p in done["outputs"]):
-            raise Skip("already converted", value=done["report"])
-
-    def rel(path: str) -> str:
-        return Path(path).relative_to(root).as_posix()
-
+def read_scan(scan: SourceScan, root: Path) -> ScanResult:
+    """Read and check one scan's T1 and tracings (writes nothing; raises on an unusable T1)."""
     if scan.t1 is None:
         raise io.InputError(scan.folder, "no T1 image in the scan folder")
     t1 = io.load_nifti(scan.t1, squeeze=False)
@@ -202,95 +200,127 @@ def convert_scan(job: ScanJob) -> dict:
         checks.append("reencoded_t1: trailing singleton 4th dimension dropped")
     elif t1.ndim != 3:
         raise io.InputError(scan.t1, f"expected a 3-D T1 image, got shape {t1.shape}")
-    written: list[Path] = []
 
-    t1_out = outputs["t1"]
-    if reencode or not scan.t1.endswith(".nii.gz"):
-        img = nib.Nifti1Image(np.asanyarray(t1.dataobj), t1.affine, t1.header)
-        io.save_nifti(img, output / t1_out)
-    else:
-        io.copy_file(scan.t1, output / t1_out)
-    t1_sidecar = {
-        "ConversionSoftware": "atlas-curate",
-        "ConversionSoftwareVersion": __version__,
-        "ReleaseFile": rel(scan.t1),
-        "ReleaseScanID": scan.key,
-    }
-    if scan.flavour != "native":   # standard (R1.1 FCP-INDI) and atlas2 (R2.0): template-space, defaced
-        t1_sidecar.update({"SkullStripped": False, "Defaced": True,
-                           "Description": "Release's defaced, intensity-normalised T1w, linearly registered "
-                                          f"to {TEMPLATE_SPACE} by the ATLAS team"})
-    _json(t1_sidecar, output / naming.sidecar(t1_out))
-    written += [t1_out, naming.sidecar(t1_out)]
-
-    smooth, smooth_src = _read_masks(scan.smooth, t1, "merged" if scan.merged_mask else "Smooth", checks, fatal, rel)
-    raw, raw_src = _read_masks(scan.raw, t1, "Raw", checks, fatal, rel)
-    if scan.merged_mask and smooth:
-        smooth = _components(smooth[0], checks)
-        smooth_src = {index: smooth_src[0] for index in smooth}
+    smooth = _read_masks(scan.smooth, t1, "merged" if scan.merged_mask else "Smooth", checks, fatal, root)
+    raw = _read_masks(scan.raw, t1, "Raw", checks, fatal, root)
+    if scan.merged_mask and smooth.masks:
+        masks = _components(smooth.masks[0], checks)
+        smooth = LesionSet(masks, {index: smooth.sources[0] for index in masks})
     if not scan.smooth and scan.mask_expected:
         fatal.append("no_lesion_mask: the scan folder holds no " + ("lesion mask" if scan.merged_mask
                                                                     else "LesionSmooth mask"))
     if scan.raw and set(scan.raw) != set(scan.smooth):
         checks.append(f"raw_smooth_mismatch: raw tracings {sorted(scan.raw)} vs smoothed masks {sorted(scan.smooth)}")
     voxel_mm3 = io.voxel_volume(t1)
-    volumes = [float(smooth[i].sum()) * voxel_mm3 for i in sorted(smooth)]
+    volumes = [float(smooth.masks[i].sum()) * voxel_mm3 for i in sorted(smooth.masks)]
     override = False
     if not fatal and len(volumes) > 1:
         secondaries = volumes[1:]
         if any(a < b for a, b in zip(secondaries, secondaries[1:])):
             checks.append("secondary_order: secondary lesions are not ordered largest to smallest")
         override = volumes[0] < volumes[1]
+    if not fatal and smooth.masks:
+        smooth.dseg = _dseg(smooth.masks, checks, "smoothed")
+        if raw.masks and set(raw.masks) == set(smooth.masks):
+            raw.dseg = _dseg(raw.masks, checks, "raw")
+    return ScanResult(t1, reencode, voxel_mm3, smooth, raw, volumes, override, checks, fatal)
 
-    if not fatal and smooth:
-        t1_uri = (_bids_uri(t1_out) if scan.flavour == "native"
-                  else f"bids::{t1_out.relative_to(naming.LESION_DERIVATIVE).as_posix()}")
-        dseg = _dseg(smooth, checks, "smoothed")
-        space_note = "native (scanner) space of the T1w" if scan.flavour == "native" else TEMPLATE_SPACE
-        common = {"Sources": [t1_uri], "SpatialReference": space_note if scan.flavour == "native" else None}
-        common = {k: v for k, v in common.items() if v is not None}
-        _save_label(dseg > 0, t1, output / outputs["mask"])
-        mask_text, dseg_text = MASK_DESCRIPTIONS[scan.merged_mask]
-        release_files = list(dict.fromkeys(smooth_src[i] for i in sorted(smooth_src)))
-        _json({**common, "Type": "Lesion", "Description": mask_text, "ReleaseFiles": release_files},
-              output / naming.sidecar(outputs["mask"]))
-        _save_label(dseg, t1, output / outputs["dseg"])
-        _json({**common, **DSEG_COLUMNS, "Description": dseg_text, "ReleaseFiles": release_files,
-               "PrimaryIsLargest": not override,
-               **({"LesionIdentity": "derived (26-connected components by size), not from the release"}
-                  if scan.merged_mask else {})},
-              output / naming.sidecar(outputs["dseg"]))
-        io.write_text(_dseg_table(smooth, smooth_src, voxel_mm3, "smooth"), output / outputs["dseg_tsv"])
-        written += [outputs["mask"], naming.sidecar(outputs["mask"]), outputs["dseg"],
-                    naming.sidecar(outputs["dseg"]), outputs["dseg_tsv"]]
-        if raw and set(raw) == set(smooth):
-            raw_dseg = _dseg(raw, checks, "raw")
-            _save_label(raw_dseg > 0, t1, output / outputs["raw_mask"])
-            _json({**common, "Type": "Lesion", "Description": "Union of the release's unsmoothed hand tracings",
-                   "ReleaseFiles": [raw_src[i] for i in sorted(raw_src)]},
-                  output / naming.sidecar(outputs["raw_mask"]))
-            _save_label(raw_dseg, t1, output / outputs["raw_dseg"])
-            _json({**common, **DSEG_COLUMNS,
-                   "Description": "Unsmoothed hand tracings: 1 = primary, 2.. = secondary lesions",
-                   "ReleaseFiles": [raw_src[i] for i in sorted(raw_src)]},
-                  output / naming.sidecar(outputs["raw_dseg"]))
-            io.write_text(_dseg_table(raw, raw_src, voxel_mm3, "raw"), output / outputs["raw_dseg_tsv"])
-            written += [outputs["raw_mask"], naming.sidecar(outputs["raw_mask"]), outputs["raw_dseg"],
-                        naming.sidecar(outputs["raw_dseg"]), outputs["raw_dseg_tsv"]]
 
-    report = {
-        "scan": scan.key,
-        "participant_id": f"sub-{scan.subject}",
-        "session_id": f"ses-{scan.session}",
-        # no_mask (not a failure): no mask where the release withholds masks by design (R2.0 testing scans)
-        "status": "masks_withheld" if fatal else "converted" if smooth else "no_mask",
-        "reason": "; ".join(fatal) if fatal or smooth else
-                  f"no lesion mask: the release withholds the masks of its {scan.part or 'unlabelled'} scans",
-        "n_lesions": len(smooth) if not fatal else len(scan.smooth),
-        "lesion_volumes_mm3": ";".join(f"{v:.1f}" for v in volumes),
-        "primary_override": override,
-        "checks": "; ".join(checks),
-    }
-    _json({"fingerprint": fingerprint, "outputs": [p.as_posix() for p in written], "report": report,
-           "job": {"scan": asdict(scan)["key"], "release": job.release}}, manifest)
+# --- writing ---------------------------------------------------------------------------------------
+
+def _save_label(data: np.ndarray, t1: nib.Nifti1Image, path: Path) -> None:
+    img = nib.Nifti1Image(np.asfortranarray(data, dtype=np.uint8), t1.affine)
+    img.set_sform(t1.get_sform(), code=int(t1.header["sform_code"]) or 1)
+    img.set_qform(t1.get_qform(), code=int(t1.header["qform_code"]) or 1)
+    space_unit, time_unit = t1.header.get_xyzt_units()
+    img.header.set_xyzt_units(space_unit if space_unit != "unknown" else "mm", time_unit)
+    io.save_nifti(img, path)
+
+
+def _write_t1(job: ScanJob, result: ScanResult, path: Path) -> list[Path]:
+    """The T1 (copied byte for byte unless its header must change) and its sidecar."""
+    scan, output = job.scan, Path(job.output)
+    if result.reencode or not scan.t1.endswith(".nii.gz"):
+        t1 = result.t1
+        io.save_nifti(nib.Nifti1Image(np.asanyarray(t1.dataobj), t1.affine, t1.header), output / path)
+    else:
+        io.copy_file(scan.t1, output / path)
+    fields = {"ConversionSoftware": "atlas-curate", "ConversionSoftwareVersion": __version__,
+              "ReleaseFile": Path(scan.t1).relative_to(job.source_root).as_posix(), "ReleaseScanID": scan.key}
+    if scan.flavour != "native":   # standard (R1.1 FCP-INDI) and atlas2 (R2.0): template-space, defaced
+        fields.update({"SkullStripped": False, "Defaced": True,
+                       "Description": "Release's defaced, intensity-normalised T1w, linearly registered "
+                                      f"to {naming.SPACE} by the ATLAS team"})
+    tables.write_json(naming.output_sidecar(t1_output(scan), space=scan_space(scan), **fields),
+                      output / naming.sidecar(path))
+    return [path, naming.sidecar(path)]
+
+
+def _write_lesion_set(job: ScanJob, result: ScanResult, kind: str, lesions: LesionSet,
+                      outputs: dict[str, Path]) -> list[Path]:
+    """One lesion set: union mask, label image (dseg) and its table, each image with its sidecar."""
+    scan, output, space = job.scan, Path(job.output), scan_space(job.scan)
+    mask_key, dseg_key, table_key = LESION_OUTPUTS[kind]
+    t1_path = outputs[t1_output(scan)]
+    if scan.flavour == "native":
+        common = {"Sources": [f"bids:raw:{t1_path.as_posix()}"],
+                  "SpatialReference": "native (scanner) space of the T1w"}
+    else:
+        common = {"Sources": [f"bids::{t1_path.relative_to(naming.LESION_DERIVATIVE).as_posix()}"]}
+    mask_text, dseg_text = DESCRIPTIONS[kind, scan.merged_mask]
+    files = list(dict.fromkeys(lesions.sources[i] for i in sorted(lesions.sources)))
+    dseg_fields = {}
+    if kind == SMOOTH:
+        dseg_fields["PrimaryIsLargest"] = not result.override
+        if scan.merged_mask:
+            dseg_fields["LesionIdentity"] = DERIVED_IDENTITY
+
+    _save_label(lesions.dseg > 0, result.t1, output / outputs[mask_key])
+    tables.write_json(naming.output_sidecar(mask_key, space=space, **common, Description=mask_text,
+                                            ReleaseFiles=files), output / naming.sidecar(outputs[mask_key]))
+    _save_label(lesions.dseg, result.t1, output / outputs[dseg_key])
+    tables.write_json(naming.output_sidecar(dseg_key, space=space, **common, **DSEG_COLUMNS, Description=dseg_text,
+                                            ReleaseFiles=files, **dseg_fields),
+                      output / naming.sidecar(outputs[dseg_key]))
+    rows = [{"index": label, "name": "primary" if index == 0 else f"secondary{index}",
+             "volume_mm3": f"{lesions.masks[index].sum() * result.voxel_mm3:.3f}",
+             "source_file": lesions.sources[index]}
+            for label, index in enumerate(sorted(lesions.masks), start=1)]
+    tables.write_rows(rows, DSEG_TABLE_COLUMNS, output / outputs[table_key])
+    return [outputs[mask_key], naming.sidecar(outputs[mask_key]), outputs[dseg_key],
+            naming.sidecar(outputs[dseg_key]), outputs[table_key]]
+
+
+def write_scan(job: ScanJob, result: ScanResult) -> list[Path]:
+    """Write the scan's T1 and each lesion set to be written; the paths written, relative to the output."""
+    outputs = scan_outputs(job.scan)
+    written = _write_t1(job, result, outputs[t1_output(job.scan)])
+    for kind, lesions in result.lesion_sets().items():
+        written += _write_lesion_set(job, result, kind, lesions, outputs)
+    return written
+
+
+def scan_report(scan: SourceScan, result: ScanResult) -> dict:
+    """The scan's ``conversion_report.tsv`` row."""
+    smooth, fatal = result.smooth.masks, result.fatal
+    # no_mask (not a failure): no mask where the release withholds masks by design (R2.0 testing scans)
+    status = "masks_withheld" if fatal else "converted" if smooth else "no_mask"
+    reason = ("; ".join(fatal) if fatal or smooth else
+              f"no lesion mask: the release withholds the masks of its {scan.part or 'unlabelled'} scans")
+    return report_row(scan.key, scan.ref, status, reason, n_lesions=len(smooth) if not fatal else len(scan.smooth),
+                      lesion_volumes_mm3=";".join(f"{v:.1f}" for v in result.volumes),
+                      primary_override=result.override, checks="; ".join(result.checks))
+
+
+def convert_scan(job: ScanJob) -> dict:
+    """Convert one scan; returns its conversion-report row (raises on an unreadable T1)."""
+    scan = job.scan
+    manifest = tables.Manifest(job.output, "convert", scan.ref.key)
+    inputs = [scan.t1 or ""] + [p for table in (scan.smooth, scan.raw) for d in table.values() for p in d.values()]
+    digest = tables.fingerprint(sorted(inputs), {"scan": scan.key, "release": job.release})
+    manifest.skip_if_current(digest, "already converted", "report", overwrite=job.overwrite)
+    result = read_scan(scan, Path(job.source_root))
+    written = write_scan(job, result)
+    report = scan_report(scan, result)
+    manifest.record(digest, written, report=report, job={"scan": scan.key, "release": job.release})
     return report

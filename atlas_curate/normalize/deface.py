@@ -15,6 +15,7 @@ from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
 
 from ..anatomy import world_coords
+from ..naming import TEMPLATE_KEY
 from ..templates import get_template, registry, template_arrays
 
 NO_HEAD = -1000.0   # table value where the column holds no head: everything in front of min_y is face
@@ -22,7 +23,7 @@ ABOVE = 1000.0      # above the table nothing is removed
 
 
 @lru_cache(maxsize=2)
-def face_mask(key: str = "mni2009") -> np.ndarray:
+def face_mask(key: str = TEMPLATE_KEY) -> np.ndarray:
     """Boolean face region on the template grid."""
     profile = registry()[get_template(key).key]["deface_profile"]
     arrays = template_arrays(key)
@@ -42,7 +43,7 @@ def face_mask(key: str = "mni2009") -> np.ndarray:
     return face
 
 
-def deface(data: np.ndarray, key: str = "mni2009") -> np.ndarray:
+def deface(data: np.ndarray, key: str = TEMPLATE_KEY) -> np.ndarray:
     """A copy of a template-grid image with the face set to 0."""
     out = np.array(data, copy=True)
     out[face_mask(key)] = 0

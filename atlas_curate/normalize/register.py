@@ -62,6 +62,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..naming import TEMPLATE_KEY
 from ..templates import get_template, template_arrays
 from .qc import ncc
 
@@ -103,7 +104,7 @@ def from_ants(img: ants.ANTsImage) -> nib.Nifti1Image:
     return ants.to_nibabel_nifti(img)
 
 
-def template_images(key: str = "mni2009") -> dict[str, ants.ANTsImage]:
+def template_images(key: str = TEMPLATE_KEY) -> dict[str, ants.ANTsImage]:
     """Template T1 (0..1), brain masks and the head-shaped target, as ANTs images (built once per process)."""
     return _template_images(key)
 
@@ -146,7 +147,7 @@ def _template_images(key: str) -> dict[str, ants.ANTsImage]:
     return out
 
 
-def brain_points_lps(key: str = "mni2009") -> np.ndarray:
+def brain_points_lps(key: str = TEMPLATE_KEY) -> np.ndarray:
     """Every ``POINT_STRIDE``-th template brain voxel centre, in world LPS mm (ANTs' physical space)."""
     return _brain_points_lps(key)
 
@@ -210,7 +211,7 @@ def _tpl_brain_centre(key: str) -> tuple:
     return tuple(_physical_points(brain, np.argwhere(brain.numpy() > 0.5)).mean(axis=0))
 
 
-def tpl_brain_centre(key: str = "mni2009") -> np.ndarray:
+def tpl_brain_centre(key: str = TEMPLATE_KEY) -> np.ndarray:
     """Centre of mass (LPS mm) of the template brain mask."""
     return np.asarray(_tpl_brain_centre(key))
 
@@ -227,7 +228,7 @@ def _brain_correlation(tpl: dict, moving: ants.ANTsImage, moving_mask, transform
     return ncc(warped, fixed.numpy(), region)
 
 
-def tpl_head_top(key: str = "mni2009") -> np.ndarray:
+def tpl_head_top(key: str = TEMPLATE_KEY) -> np.ndarray:
     """Centre (LPS mm) of the head-shaped target above ``HEAD_TOP_MM`` below its top."""
     return np.asarray(_tpl_head_top(key))
 
@@ -373,7 +374,7 @@ def _take_helper() -> _Helper:
     return _Helper()
 
 
-def warm_up(template: str = "mni2009") -> None:
+def warm_up(template: str = TEMPLATE_KEY) -> None:
     """Pay this process's one-off costs now: the template images and a ready head-stage helper."""
     template_images(template)
     brain_points_lps(template)
@@ -582,7 +583,7 @@ def _syn_fit(fixed, moving, *, initial: str, fixed_mask, moving_mask, outprefix:
     return fit
 
 
-def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, template: str = "mni2009",
+def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, template: str = TEMPLATE_KEY,
              initial: str | None = None, brain_passes: int = BRAIN_PASSES, refine: bool = True,
              workdir: str | None = None, brain_mask: nib.Nifti1Image | None = None) -> Registration:
     """Affine registration of a native whole-head T1 to the template (see module docstring).

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import html
+from io import BytesIO
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
-
-from .. import io  # noqa: E402
-from ..resources import data_dir  # noqa: E402
+from .. import io
+from ..resources import data_dir
 
 
 def _slices(volume: np.ndarray, centre) -> list[np.ndarray]:
@@ -22,15 +19,21 @@ def _slices(volume: np.ndarray, centre) -> list[np.ndarray]:
     return [volume[i].T, volume[:, j].T, volume[:, :, k].T]
 
 
-def scan_figure(t1: np.ndarray, defaced: np.ndarray, template: np.ndarray, brain: np.ndarray,
-                lesion: np.ndarray | None, path: Path, *, title: str) -> Path:
-    """Registered T1 in three planes with the template brain outline (cyan) and the lesion (red),
-    and a mid-sagittal view before and after defacing."""
+def scan_figure(t1: np.ndarray, defaced: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None, *,
+                title: str) -> bytes:
+    """The PNG of one scan: the registered T1 in three planes with the template brain outline (cyan) and the
+    lesion (red), and a mid-sagittal view before and after defacing. A :class:`matplotlib.figure.Figure` drawn
+    with the Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     centre = [s // 2 for s in t1.shape]
     if lesion is not None and lesion.any():
         centre = [int(c) for c in np.argwhere(lesion).mean(axis=0)]
     vmax = float(np.percentile(t1[brain], 99.5)) if brain.any() else 1.0
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), gridspec_kw={"width_ratios": [1.2, 1, 1, 1.2, 1.2]})
+    fig = Figure(figsize=(17, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 5, gridspec_kw={"width_ratios": [1.2, 1, 1, 1.2, 1.2]})
     for ax, img, outline, les in zip(axes[:3], _slices(t1, centre), _slices(brain.astype(float), centre),
                                      _slices(lesion.astype(float), centre) if lesion is not None else [None] * 3):
         ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=vmax)
@@ -45,10 +48,9 @@ def scan_figure(t1: np.ndarray, defaced: np.ndarray, template: np.ndarray, brain
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10, color="darkred" if "FAIL" in title else "black")
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    png = BytesIO()
+    fig.savefig(png, dpi=80, format="png")
+    return png.getvalue()
 
 
 def write_report(table: pd.DataFrame, out: Path) -> Path:

@@ -1,6 +1,7 @@
 """Figures of the overlap map for a paper: orthogonal slices over the template, a glass brain, and a
-lesion-volume histogram. PNG at 300 dpi, Matplotlib's Agg backend, no time stamp or software version in
-the file, so the same map gives the same bytes.
+lesion-volume histogram. PNG at 300 dpi, each a :class:`matplotlib.figure.Figure` drawn with the Agg canvas
+(no pyplot, no global backend change), no time stamp or software version in the file, so the same map gives
+the same bytes.
 
 The colour scale is the fraction of scans (0 at the bottom of the colour bar, the map's maximum at the
 top); voxels covered by no scan are transparent. Slices cut through the voxel of highest overlap.
@@ -11,33 +12,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .. import io  # noqa: E402
+from .. import io
 
 DPI = 300
 COLORBAR_LABEL = "fraction of scans"
 # 'hot' without its darkest quarter, so that voxels covered by few scans stay visible over the template
-CMAP = LinearSegmentedColormap.from_list("overlap_hot", plt.get_cmap("hot")(np.linspace(0.25, 1.0, 256)))
+CMAP = LinearSegmentedColormap.from_list("overlap_hot", matplotlib.colormaps["hot"](np.linspace(0.25, 1.0, 256)))
 PNG_METADATA = {"Software": None}
 
 
-def _save(fig, path: Path) -> Path:
+def _figure(figsize: tuple[float, float], facecolor: str) -> Figure:
+    fig = Figure(figsize=figsize, facecolor=facecolor)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png", metadata=PNG_METADATA, facecolor=fig.get_facecolor())
-    plt.close(fig)
     return path
 
 
 def _colorbar(fig, rect, vmax: float, *, dark: bool) -> None:
     cax = fig.add_axes(rect)
-    mappable = plt.cm.ScalarMappable(norm=Normalize(0.0, vmax), cmap=CMAP)
+    mappable = ScalarMappable(norm=Normalize(0.0, vmax), cmap=CMAP)
     bar = fig.colorbar(mappable, cax=cax)
     bar.set_label(COLORBAR_LABEL, fontsize=8, color="white" if dark else "black")
     bar.ax.tick_params(labelsize=7, colors="white" if dark else "black")
@@ -61,7 +67,7 @@ def orthogonal(prob: nib.Nifti1Image, template_t1: Path, path: Path, *, n: int, 
     from nilearn import plotting
 
     vmax = max(float(np.asanyarray(prob.dataobj).max()), 1.0 / max(n, 1))
-    fig = plt.figure(figsize=(7.2, 2.8), facecolor="black")
+    fig = _figure((7.2, 2.8), "black")
     ax = fig.add_axes([0.03, 0.0, 0.85, 0.9])
     plotting.plot_stat_map(prob, bg_img=str(template_t1), cut_coords=peak_mm(prob), display_mode="ortho",
                            colorbar=False, figure=fig, axes=ax, threshold=_threshold(n), cmap=CMAP, vmin=0.0,
@@ -77,7 +83,7 @@ def glass(prob: nib.Nifti1Image, path: Path, *, n: int, title: str) -> Path:
     from nilearn import plotting
 
     vmax = max(float(np.asanyarray(prob.dataobj).max()), 1.0 / max(n, 1))
-    fig = plt.figure(figsize=(9.0, 2.6), facecolor="white")
+    fig = _figure((9.0, 2.6), "white")
     ax = fig.add_axes([0.0, 0.0, 0.9, 0.88])
     plotting.plot_glass_brain(prob, display_mode="lyrz", colorbar=False, figure=fig, axes=ax,
                               threshold=_threshold(n), cmap=CMAP, vmin=0.0, vmax=vmax, plot_abs=False,
@@ -91,7 +97,8 @@ def volume_histogram(scan_mm3: list[float], lesion_mm3: list[float], path: Path,
     """Histogram of lesion volumes on a log axis: per scan (all its lesions) and per single lesion."""
     scans = np.asarray([v for v in scan_mm3 if v > 0], float)
     lesions = np.asarray([v for v in lesion_mm3 if v > 0], float)
-    fig, ax = plt.subplots(figsize=(4.8, 3.4), facecolor="white")
+    fig = _figure((4.8, 3.4), "white")
+    ax = fig.subplots()
     if lesions.size:
         per_decade = 6
         low = np.floor(np.log10(min(lesions.min(), scans.min())) * per_decade)

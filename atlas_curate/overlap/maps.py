@@ -4,7 +4,7 @@ Per scan (:func:`read_scan`, a pure function of its :class:`ScanJob`, so it runs
 
 * the union lesion mask (``label-L_desc-T1lesion_mask``) and the lesion label image (``desc-lesions_dseg``:
   label k = lesion k, 1 = the primary lesion) are decoded once each (stored uint8 values, no float copy)
-  and checked to lie on the template grid (shape and affine, :func:`atlas_curate.io.grid_difference`);
+  and checked to lie on the template grid (shape and affine, :meth:`atlas_curate.templates.TemplateGrid.check`);
 * the voxels that go into the map are the mask's non-zero voxels (``lesions="all"``) or the dseg's label-1
   voxels (``lesions="primary"``), returned as flat (Fortran-order) indices, so that only lesion voxels
   travel between processes;
@@ -13,28 +13,25 @@ Per scan (:func:`read_scan`, a pure function of its :class:`ScanJob`, so it runs
   cortical / subcortical / other); the native volume comes from the converted native-space dseg, with the
   voxel volume of its own header.
 
-:func:`accumulate` adds each scan's voxels into the count volume as soon as the scan is read, in this
-process (``jobs=1``) or from a pool of ``jobs`` worker processes whose results are consumed as they
-finish; memory is a handful of template volumes whatever the number of scans. Integer counts make the
-result independent of the order in which scans finish. The probability map is ``count / n`` (float32),
-equal to the mean of the n binary masks.
+:func:`accumulate` adds each scan's voxels into the count volume as soon as the scan is read
+(:func:`atlas_curate.executor.run_stream`: in this process, a pool of worker processes or a Dask cluster,
+results consumed as they finish, a bounded number of scans in flight); memory is a handful of template
+volumes whatever the number of scans. Integer counts make the result independent of the order in which
+scans finish. The probability map is ``count / n`` (float32), equal to the mean of the n binary masks.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import io
 from ..anatomy import classify_voxels, template_anatomy
-from ..templates import get_template
+from ..executor import Failed, Outcome, run_stream
+from ..naming import TEMPLATE_KEY
+from ..templates import template_grid
 
 LESION_CHOICES = ("all", "primary")
 UNREADABLE_HEADER = "unreadable header"
@@ -49,7 +46,7 @@ class ScanJob:
     dseg: str
     native_dseg: str | None = None
     lesions: str = "all"  # all | primary
-    template: str = "mni2009"
+    template: str = TEMPLATE_KEY
     describe: bool = True  # False: the map only (no per-lesion stats; only the image the map needs is read)
 
 
@@ -79,21 +76,7 @@ class ScanStats:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ScanOutcome:
-    scan: str
-    ok: bool
-    reason: str = ""
-    stats: ScanStats | None = None
-
-
-@lru_cache(maxsize=2)
-def template_grid(key: str = "mni2009") -> nib.Nifti1Image:
-    """The template's header image (shape + affine), the grid every mask must lie on."""
-    return nib.load(get_template(key).t1w)
-
-
-def header_problem(path: str, key: str = "mni2009") -> str | None:
+def header_problem(path: str, key: str = TEMPLATE_KEY) -> str | None:
     """Why the image at ``path`` cannot be used as it is (not on the template grid), from its header only."""
     try:
         img = nib.load(path)
@@ -101,7 +84,7 @@ def header_problem(path: str, key: str = "mni2009") -> str | None:
         return f"{UNREADABLE_HEADER} ({type(exc).__name__}: {exc})"
     if len(img.shape) not in (3, 4) or (len(img.shape) == 4 and img.shape[3] != 1):
         return f"expected a 3-D image, got shape {img.shape}"
-    return io.grid_difference(template_grid(key), img)
+    return template_grid(key).problem(img)
 
 
 def _values(img: nib.Nifti1Image, *, labels: bool) -> np.ndarray:
@@ -119,7 +102,7 @@ def _values(img: nib.Nifti1Image, *, labels: bool) -> np.ndarray:
 def _on_grid(path: str, key: str, *, labels: bool = False) -> np.ndarray:
     """Decode an image that must lie on the template grid; its values as a flat Fortran-order view."""
     img = io.load_nifti(path)
-    problem = io.grid_difference(template_grid(key), img)
+    problem = template_grid(key).problem(img)
     if problem:
         raise io.InputError(path, f"not on the template grid: {problem}")
     return np.ravel(_values(img, labels=labels), order="F")
@@ -177,8 +160,7 @@ def _dseg_voxels(job: ScanJob) -> tuple[np.ndarray, np.ndarray]:
 def _describe(by_label: dict[int, np.ndarray], job: ScanJob, notes: list[str]) -> list[LesionStats]:
     """Per-lesion stats: template volume, centroid and anatomy (classify_lesion), native volume."""
     grid = template_grid(job.template)
-    shape = tuple(int(s) for s in grid.shape[:3])
-    voxel_mm3 = io.voxel_volume(grid)
+    shape, voxel_mm3 = grid.shape, grid.voxel_mm3
     native = _native_counts(job.native_dseg)
     native_counts, native_mm3 = native if native else ({}, None)
     lesions = []
@@ -225,67 +207,35 @@ def read_scan(job: ScanJob) -> tuple[np.ndarray, ScanStats]:
     return voxels, ScanStats(job.scan, int(voxels.size), lesions, notes)
 
 
-def _read_outcome(job: ScanJob) -> tuple[np.ndarray | None, ScanOutcome]:
-    """:func:`read_scan` with every failure turned into a reported outcome (never raises)."""
+def scan_voxels(job: ScanJob) -> tuple[np.ndarray, ScanStats]:
+    """:func:`read_scan` as the executor's per-scan function: an unusable file fails the scan with the file's
+    name and the reason."""
     try:
-        voxels, stats = read_scan(job)
+        return read_scan(job)
     except io.InputError as exc:
-        return None, ScanOutcome(job.scan, False, f"{exc.path.name}: {exc.reason}")
-    except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the map
-        return None, ScanOutcome(job.scan, False, f"{type(exc).__name__}: {exc}")
-    return voxels, ScanOutcome(job.scan, True, "", stats)
+        raise Failed(f"{exc.path.name}: {exc.reason}") from exc
 
 
-def _pool_results(jobs: list[ScanJob], workers: int) -> Iterator[tuple[np.ndarray | None, ScanOutcome]]:
-    """Results as they finish, at most ``2 * workers`` scans in flight (bounded memory)."""
-    pending_jobs = iter(jobs)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        in_flight = {}
-        for job in pending_jobs:
-            in_flight[pool.submit(_read_outcome, job)] = job
-            if len(in_flight) >= 2 * workers:
-                break
-        while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = in_flight.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    yield None, ScanOutcome(job.scan, False, "worker process died (out of memory or crash)")
-                following = next(pending_jobs, None)
-                if following is not None:
-                    in_flight[pool.submit(_read_outcome, following)] = following
-
-
-def _results(jobs: list[ScanJob], workers: int) -> Iterable[tuple[np.ndarray | None, ScanOutcome]]:
-    if workers <= 1 or len(jobs) <= 1:
-        return map(_read_outcome, jobs)
-    return _pool_results(jobs, workers)
-
-
-def accumulate(jobs: list[ScanJob], *, workers: int = 1, progress: bool = False,
-               template: str = "mni2009") -> tuple[np.ndarray, list[ScanOutcome]]:
+def accumulate(jobs: list[ScanJob], *, workers: int = 1, progress: bool = False, template: str = TEMPLATE_KEY,
+               executor: str = "local", scheduler: str | None = None) -> tuple[np.ndarray, list[Outcome]]:
     """Stream every scan into an int32 count volume (template grid); outcomes sorted by scan.
 
-    A scan that cannot be read is a failed outcome (with the file and the reason) and adds nothing.
+    Each outcome's ``value`` is the scan's :class:`ScanStats` (its voxels are added and dropped as it
+    arrives). A scan that cannot be read is a failed outcome (with the file and the reason) and adds nothing.
+    ``workers``, ``executor`` and ``scheduler`` are :func:`atlas_curate.executor.run_stream`'s ``jobs``,
+    ``executor`` and ``scheduler``.
     """
-    grid = template_grid(template)
-    count = np.zeros(grid.shape[:3], np.int32, order="F")
+    count = np.zeros(template_grid(template).shape, np.int32, order="F")
     flat = count.ravel(order="F")  # a view
     template_anatomy(template)  # built once here, inherited by forked workers
     outcomes = []
-    bar = tqdm(total=len(jobs), desc="overlap-map", unit="scan", disable=not progress or not jobs, leave=False,
-               dynamic_ncols=True)
-    try:
-        for voxels, outcome in _results(jobs, max(1, workers)):
-            if voxels is not None:
-                flat[voxels] += 1  # indices are unique within a scan
-            outcomes.append(outcome)
-            bar.update()
-    finally:
-        bar.close()
-    return count, sorted(outcomes, key=lambda o: o.scan)
+    for outcome in run_stream(scan_voxels, jobs, key=lambda job: job.scan, jobs=workers, executor=executor,
+                              scheduler=scheduler, desc="overlap-map", progress=progress):
+        if outcome.ok:
+            voxels, outcome.value = outcome.value
+            flat[voxels] += 1  # indices are unique within a scan
+        outcomes.append(outcome)
+    return count, sorted(outcomes, key=lambda o: o.key)
 
 
 def probability(count: np.ndarray, n: int) -> np.ndarray:

@@ -23,29 +23,19 @@ default (listed in that derivative's ``.bidsignore``), each written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from .. import __version__, dataset, io, naming
 from ..index import refresh_index
-from ..templates import get_template
+from ..tables import as_bool, write_json, write_tsv
+from ..templates import template_grid
 from . import figures, tables
-from .maps import (
-    LESION_CHOICES,
-    UNREADABLE_HEADER,
-    ScanJob,
-    ScanStats,
-    accumulate,
-    header_problem,
-    probability,
-    template_grid,
-)
+from .maps import LESION_CHOICES, UNREADABLE_HEADER, ScanJob, ScanStats, accumulate, header_problem, probability
 
 PER_SUBJECT_CHOICES = ("first", "all")
 OUTPUT_NAME = "overlap"
@@ -121,12 +111,12 @@ def _file_problem(row: pd.Series, template: str) -> tuple[str, str] | None:
         if problem and problem.startswith(UNREADABLE_HEADER):
             return "unreadable", f"{Path(row[key]).name}: {problem}"
         if problem:
-            return "off-grid", f"not on the {get_template(template).name} grid: {Path(row[key]).name}: {problem}"
+            return "off-grid", f"not on the {template_grid(template).space} grid: {Path(row[key]).name}: {problem}"
     return None
 
 
 def select_scans(table: pd.DataFrame, *, where: str | None = None, per_subject: str = "first",
-                 template: str = "mni2009") -> tuple[pd.DataFrame, list[dict]]:
+                 template: str = naming.TEMPLATE_KEY) -> tuple[pd.DataFrame, list[dict]]:
     """The scans to map and the excluded ones (``scan``, ``category``, ``reason``); see the module docstring."""
     matched = set(dataset.where(table, where)["scan"]) if where else set(table["scan"])
     excluded, keep = [], []
@@ -193,36 +183,9 @@ def _ignore_in_derivative(root: Path, out: Path) -> Path | None:
 
 
 def _save_map(data: np.ndarray, dtype, description: str, path: Path, key: str) -> Path:
-    affine = template_grid(key).affine
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    img.set_sform(affine, code=4)
-    img.set_qform(affine, code=4)
-    img.header.set_xyzt_units("mm", "sec")
+    img = template_grid(key).image(data, dtype)
     img.header["descrip"] = description.encode()[:79]
     return io.save_nifti(img, path)
-
-
-def _write_tsv(frame: pd.DataFrame, path: Path, integer_columns: tuple[str, ...] = ()) -> Path:
-    frame = frame.copy()
-    for column in integer_columns:
-        frame[column] = pd.array(frame[column].tolist(), dtype="Int64")
-    return io.write_text(frame.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n"), path)
-
-
-def _write_json(doc: dict, path: Path) -> Path:
-    return io.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
-
-
-def _json_value(value):
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    return value
 
 
 def _sidecar(root: Path, options: dict, included: pd.DataFrame, stats: dict[str, ScanStats],
@@ -234,7 +197,7 @@ def _sidecar(root: Path, options: dict, included: pd.DataFrame, stats: dict[str,
         "Description": "Probabilistic lesion overlap map: for each template voxel, the fraction of the included "
                        f"scans whose lesion covers it; lesion = {which}",
         "GeneratedBy": [{"Name": "atlas-curate", "Version": __version__, "Command": "overlap-map"}],
-        "SpatialReference": get_template(key).name,
+        "SpatialReference": template_grid(key).space,
         "Options": options,
         "Files": {k: p.name for k, p in sorted(files.items())},
         "Maps": {
@@ -253,7 +216,7 @@ def _sidecar(root: Path, options: dict, included: pd.DataFrame, stats: dict[str,
             "Definitions": tables.DEFINITIONS,
         },
         "Included": [{"scan": row["scan"], "participant_id": row["participant_id"], "session_id": row["session_id"],
-                      "source": row["source"], "qc_pass": _json_value(row["qc_pass"]),
+                      "source": row["source"], "qc_pass": as_bool(row["qc_pass"]),
                       "mask": _bids_uri(row["mask"], root), "dseg": _bids_uri(row["dseg"], root),
                       "map_voxels": stats[row["scan"]].map_voxels, "notes": stats[row["scan"]].notes}
                      for _, row in included.iterrows()],
@@ -271,19 +234,21 @@ def _category_counts(excluded: list[dict]) -> dict[str, int]:
 
 
 def _stream(table: pd.DataFrame, candidates: pd.DataFrame, excluded: list[dict], *, lesions: str, jobs: int,
-            progress: bool, key: str) -> tuple[np.ndarray, pd.DataFrame, dict[str, ScanStats]]:
+            progress: bool, key: str, executor: str, scheduler: str | None
+            ) -> tuple[np.ndarray, pd.DataFrame, dict[str, ScanStats]]:
     """Count map, included scans and their stats; scans that fail to decode join ``excluded``."""
     scan_jobs = [ScanJob(row["scan"], row["mask"], row["dseg"],
                          row["native_dseg"] if _has(row["native_dseg"]) else None, lesions, key)
                  for _, row in candidates.iterrows()]
-    count, outcomes = accumulate(scan_jobs, workers=jobs, progress=progress, template=key)
-    failed = {o.scan: o.reason for o in outcomes if not o.ok}
+    count, outcomes = accumulate(scan_jobs, workers=jobs, progress=progress, template=key, executor=executor,
+                                 scheduler=scheduler)
+    failed = {o.key: o.reason for o in outcomes if not o.ok}
     for _, row in candidates[candidates["scan"].isin(failed)].iterrows():
         excluded.append(_exclusion(row, "unreadable", failed[row["scan"]]))
     order = {scan: i for i, scan in enumerate(table["scan"])}
     excluded.sort(key=lambda e: order[e["scan"]])
     included = candidates[~candidates["scan"].isin(failed)].reset_index(drop=True)
-    return count, included, {o.scan: o.stats for o in outcomes if o.ok}
+    return count, included, {o.key: o.value for o in outcomes if o.ok}
 
 
 def _write_tables(included: pd.DataFrame, stats: dict[str, ScanStats], files: dict[str, Path]) -> dict:
@@ -291,20 +256,21 @@ def _write_tables(included: pd.DataFrame, stats: dict[str, ScanStats], files: di
     out = {"table1": tables.table1(frame), "table2": tables.table2(frame),
            "disagreements": tables.disagreements(frame), "lesions": tables.lesion_report(included, stats)}
     counts = ("computed", "spreadsheet", "difference")
-    _write_tsv(out["table1"], files["table1"], counts)
-    _write_tsv(out["table2"], files["table2"], counts)
-    _write_tsv(out["disagreements"], files["disagreements"])
-    _write_tsv(out["lesions"], files["lesions_tsv"], ("lesion", "voxels_template"))
-    _write_json(tables.lesion_document(included, stats), files["lesions_json"])
+    write_tsv(out["table1"], files["table1"], integer_columns=counts)
+    write_tsv(out["table2"], files["table2"], integer_columns=counts)
+    write_tsv(out["disagreements"], files["disagreements"])
+    write_tsv(out["lesions"], files["lesions_tsv"], integer_columns=("lesion", "voxels_template"))
+    write_json(tables.lesion_document(included, stats), files["lesions_json"], allow_nan=False)
     return out
 
 
 def _write_figures(prob: np.ndarray, lesion_table: pd.DataFrame, files: dict[str, Path], *, n: int, lesions: str,
                    key: str) -> tuple[float, float, float]:
     """The three figures; returns the MNI coordinates of the peak the slices cut through."""
-    prob_img = nib.Nifti1Image(prob, template_grid(key).affine)
+    grid = template_grid(key)
+    prob_img = grid.image(prob, np.float32)
     title = f"Lesion overlap ({'all' if lesions == 'all' else 'primary'} lesions), n = {n} scans"
-    figures.orthogonal(prob_img, get_template(key).t1w, files["orthogonal"], n=n, title=title)
+    figures.orthogonal(prob_img, grid.template.t1w, files["orthogonal"], n=n, title=title)
     figures.glass(prob_img, files["glass"], n=n, title=title)
     present = lesion_table[lesion_table["voxels_template"] > 0]
     figures.volume_histogram(present.groupby("scan")["volume_mm3_template"].sum().tolist(),
@@ -315,8 +281,11 @@ def _write_figures(prob: np.ndarray, lesion_table: pd.DataFrame, files: dict[str
 
 def overlap_map(bids_root: os.PathLike | str, *, output: os.PathLike | str | None = None, lesions: str = "all",
                 where: str | None = None, include_failed: bool = False, per_subject: str = "first", jobs: int = 1,
-                progress: bool = True) -> OverlapResult:
+                progress: bool = True, executor: str = "local", scheduler: str | None = None) -> OverlapResult:
     """Build the overlap map, its figures, the dataset tables and the lesion report; see the module docstring.
+
+    The scans are read by :func:`atlas_curate.executor.run_stream`: ``jobs`` local worker processes, or with
+    ``executor="dask"`` the Dask cluster at ``scheduler``.
 
     Raises ``ValueError`` for bad options or an unknown ``--where`` column and :class:`NoScansError` when
     every scan is excluded (the message counts the reasons).
@@ -325,7 +294,7 @@ def overlap_map(bids_root: os.PathLike | str, *, output: os.PathLike | str | Non
         raise ValueError(f"--lesions must be one of {LESION_CHOICES}, not {lesions!r}")
     if per_subject not in PER_SUBJECT_CHOICES:
         raise ValueError(f"--per-subject must be one of {PER_SUBJECT_CHOICES}, not {per_subject!r}")
-    key = "mni2009"
+    key = naming.TEMPLATE_KEY
     root = Path(bids_root).resolve()
     out = output_dir(root, output)
     table = dataset.scan_table(root, include_failed=include_failed)
@@ -333,7 +302,7 @@ def overlap_map(bids_root: os.PathLike | str, *, output: os.PathLike | str | Non
         raise NoScansError(f"{root}: no scans found (run bids-convert, and normalize for native releases)")
     candidates, excluded = select_scans(table, where=where, per_subject=per_subject, template=key)
     count, included, stats = _stream(table, candidates, excluded, lesions=lesions, jobs=jobs, progress=progress,
-                                     key=key)
+                                     key=key, executor=executor, scheduler=scheduler)
     if included.empty:
         detail = ", ".join(f"{v} {k}" for k, v in _category_counts(excluded).items())
         raise NoScansError(f"{root}: no scan left for the overlap map ({len(excluded)} excluded: {detail})")
@@ -346,10 +315,10 @@ def overlap_map(bids_root: os.PathLike | str, *, output: os.PathLike | str | Non
     written = _write_tables(included, stats, files)
     peak = _write_figures(prob, written["lesions"], files, n=n, lesions=lesions, key=key)
     options = {"lesions": lesions, "where": where, "include_failed": include_failed, "per_subject": per_subject,
-               "template": get_template(key).name}
+               "template": template_grid(key).space}
     max_fraction = float(prob.max())
-    _write_json(_sidecar(root, options, included, stats, excluded, files, max_fraction, peak, key),
-                files["sidecar"])
+    write_json(_sidecar(root, options, included, stats, excluded, files, max_fraction, peak, key),
+                   files["sidecar"], allow_nan=False)
     _ignore_in_derivative(root, out)
     refresh_index(root, "overlap", out)
     return OverlapResult(out, files, n, included, pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS),

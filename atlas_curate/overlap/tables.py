@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .. import anatomy
+from ..naming import SPACE
 from .maps import LesionStats, ScanStats
 
 COUNT_COLUMNS = {
@@ -46,7 +47,7 @@ TABLE_COLUMNS = ["group", "measure", "computed", "computed_percent", "spreadshee
 DISAGREEMENT_COLUMNS = ["scan", "cohort", "measure", "computed", "spreadsheet"]
 DEFINITIONS = {
     "lesion": "one label of the scan's desc-lesions_dseg with voxels on the template grid (1 = primary lesion)",
-    "side": "sign of the lesion centroid's x in MNI152NLin2009aSym mm (x < 0: left); a bilateral lesion counts on "
+    "side": f"sign of the lesion centroid's x in {SPACE} mm (x < 0: left); a bilateral lesion counts on "
             "the side of its centroid (per-hemisphere counts, Table 2)",
     "hemisphere": "atlas_curate.anatomy.classify_lesion: Left/Right from the centroid, Bilateral when at least "
                   f"{anatomy.BILATERAL_FRACTION:.0%} of the lesion lies on each side of the midline, Brainstem "
@@ -72,7 +73,7 @@ LESION_COLUMNS = {
                          "a standard-space release)",
     "volume_mm3_template": "Lesion volume on the template grid: voxel count times the template voxel volume",
     "voxels_template": "Number of template voxels of the lesion",
-    "centroid_x_mm": "Lesion centroid, MNI152NLin2009aSym x (mm; + = right)",
+    "centroid_x_mm": f"Lesion centroid, {SPACE} x (mm; + = right)",
     "centroid_y_mm": "Lesion centroid, MNI y (mm; + = anterior)",
     "centroid_z_mm": "Lesion centroid, MNI z (mm; + = superior)",
     "hemisphere": "Left | Right | Bilateral (>= 20 % of the lesion on each side) | Brainstem "

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..anatomy import world_coords
+from ..naming import TEMPLATE_KEY
 from ..templates import get_template, template_arrays
 
 # Padding (voxels = mm) added to the template grid for face, nose and neck: (low, high) per axis.
@@ -46,7 +47,7 @@ def _ellipsoid(x, y, z, centre, radii):
 
 
 @lru_cache(maxsize=1)
-def head_model(template: str = "mni2009") -> HeadModel:
+def head_model(template: str = TEMPLATE_KEY) -> HeadModel:
     """Build (once per process) the synthetic head on the padded template grid."""
     arrays = template_arrays(template)
     tpl_affine = get_template(template).affine

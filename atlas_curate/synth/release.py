@@ -162,6 +162,18 @@ def _release_order(volumes: list[float], override: bool) -> list[int]:
     return sorted(range(len(volumes)), key=lambda i: -volumes[i])
 
 
+def _template_mask_fault(mask: np.ndarray, affine: np.ndarray, fault: str) -> tuple[np.ndarray, np.ndarray]:
+    """A template-space mask and its affine with the scan's fault: ``empty_mask`` empties it, ``mask_grid`` puts
+    it on a grid of half the resolution (every second voxel, 2 mm voxels)."""
+    if fault == "empty_mask":
+        return np.zeros_like(mask), affine
+    if fault == "mask_grid":
+        coarse = affine.copy()
+        coarse[:3, :3] *= 2
+        return mask[::2, ::2, ::2], coarse
+    return mask, affine
+
+
 def _write_atlas2(plan: ScanPlan, data: np.ndarray, affine: np.ndarray, smooths: list[np.ndarray], out_dir: Path,
                   truth_dir: Path) -> Path:
     """An R2.0 scan: the T1 and ONE mask, the union of the lesions (R2.0 merges them). A testing scan's
@@ -170,13 +182,7 @@ def _write_atlas2(plan: ScanPlan, data: np.ndarray, affine: np.ndarray, smooths:
     t1_path = out_dir / naming.atlas2_t1(scan, plan.part)
     _save(data, affine, t1_path, code=4)
     union = np.logical_or.reduce(smooths) if smooths else np.zeros(data.shape, bool)
-    mask_affine = affine
-    if plan.fault == "empty_mask":
-        union = np.zeros_like(union)
-    if plan.fault == "mask_grid":
-        union = union[::2, ::2, ::2]
-        mask_affine = affine.copy()
-        mask_affine[:3, :3] *= 2
+    union, mask_affine = _template_mask_fault(union, affine, plan.fault)
     if plan.part == "testing":
         target = truth_dir / "testing_masks" / naming.atlas2_mask_name(scan)
     else:
@@ -236,13 +242,7 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
     else:
         _save(data, affine, out_dir / naming.standard_t1(scan), code=4)
         for index, smooth in enumerate(smooths):
-            mask_affine = affine
-            if plan.fault == "empty_mask":
-                smooth = np.zeros_like(smooth)
-            if plan.fault == "mask_grid":
-                smooth = smooth[::2, ::2, ::2]
-                mask_affine = affine.copy()
-                mask_affine[:3, :3] *= 2
+            smooth, mask_affine = _template_mask_fault(smooth, affine, plan.fault)
             _save(smooth.astype(np.uint8), mask_affine, out_dir / naming.standard_mask(scan, index), code=4)
         t1_path = out_dir / naming.standard_t1(scan)
     if plan.fault == "truncated_gzip":

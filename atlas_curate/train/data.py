@@ -1,6 +1,7 @@
 """Training data: the split table, the working grid, cached arrays and seeded random crops.
 
-Working grid. Every scan is on the 1 mm MNI152NLin2009aSym grid (197 × 233 × 189). Training and inference
+Working grid. Every scan is on the 1 mm template grid (:func:`atlas_curate.templates.template_grid`, 197 × 233 ×
+189). Training and inference
 see only the bounding box of the template brain plus ``box_margin`` mm (clipped to the grid): the rest is
 scalp, neck and air. With ``voxel_size = f > 1`` the box is padded at its far end (edge values) to a
 multiple of ``f`` and reduced by block averages of ``f³`` voxels (area averaging, no aliasing). The
@@ -42,7 +43,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from .. import io
-from ..templates import get_template, template_arrays
+from ..naming import TEMPLATE_KEY
+from ..templates import template_grid
 
 CACHE_VERSION = 2
 SPLIT_COLUMNS = ("scan", "split", "t1", "mask")
@@ -53,19 +55,17 @@ SPLIT_COLUMNS = ("scan", "split", "t1", "mask")
 def read_split(path: os.PathLike | str, bids_root: os.PathLike | str | None = None) -> pd.DataFrame:
     """The split table (``scan, subject, session, split, [fold], cohort, lesion_volume_mm3, t1, mask``).
 
-    Uses ``atlas_curate.split.load_split`` when it exists, else reads the TSV. Relative ``t1``/``mask``
+    Read with :func:`atlas_curate.split.load_split`. Relative ``t1``/``mask``
     paths are taken relative to ``bids_root``; when the table has no ``t1``/``mask`` columns they come from
     :func:`atlas_curate.dataset.scan_table` of ``bids_root``.
     """
     path = Path(path)
     if not path.is_file():
         raise io.InputError(path, "split table not found")
+    from ..split import load_split
+
     try:
-        from ..split import load_split  # type: ignore[attr-defined]
-    except ImportError:
-        load_split = None
-    try:
-        table = load_split(path, bids_root) if load_split is not None else pd.read_csv(path, sep="\t")
+        table = load_split(path, bids_root)
     except io.InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
@@ -131,9 +131,9 @@ class Geometry:
 
 
 @lru_cache(maxsize=8)
-def geometry(voxel_size: int = 1, box_margin: int = 4, template: str = "mni2009") -> Geometry:
+def geometry(voxel_size: int = 1, box_margin: int = 4, template: str = TEMPLATE_KEY) -> Geometry:
     """The template brain's bounding box plus ``box_margin`` voxels (1 mm), clipped to the grid."""
-    brain = template_arrays(template)["T1w"] > 0
+    brain = template_grid(template).brain
     start, stop = [], []
     for axis in range(3):
         others = tuple(i for i in range(3) if i != axis)
@@ -171,7 +171,7 @@ def intensity_normalise(t1_box: np.ndarray, brain_box: np.ndarray, mode: str) ->
 
 
 def template_brain_box(geo: Geometry) -> np.ndarray:
-    return template_arrays()["T1w"][geo.box] > 0
+    return template_grid().brain[geo.box]
 
 
 def image_to_working(t1: np.ndarray, geo: Geometry, intensity: str) -> np.ndarray:
@@ -204,10 +204,6 @@ def prob_to_template(prob: np.ndarray, geo: Geometry) -> np.ndarray:
     out = np.zeros(geo.template_shape, dtype=np.float32)
     out[geo.box] = prob_to_box(prob, geo)
     return out
-
-
-def template_affine() -> np.ndarray:
-    return np.asarray(get_template().affine)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -257,19 +253,11 @@ class PrepareJob:
     key: str
 
 
-def _load_template_grid(path: str, what: str) -> np.ndarray:
+def _template_grid_data(path: str, what: str) -> np.ndarray:
+    """The voxels of an image on the template grid (:class:`~atlas_curate.io.InputError` when it is not on it)."""
     img = io.load_nifti(path)
-    problem = io.grid_difference(nib_template(), img)
-    if problem:
-        raise io.InputError(path, f"{what} is not on the template grid: {problem}")
+    template_grid().check(img, path, what)
     return np.asanyarray(img.dataobj)
-
-
-@lru_cache(maxsize=1)
-def nib_template():
-    import nibabel as nib
-
-    return nib.load(get_template().t1w)
 
 
 def prepare_scan(job: PrepareJob) -> PreparedScan:
@@ -281,9 +269,9 @@ def prepare_scan(job: PrepareJob) -> PreparedScan:
     if meta.is_file():
         return PreparedScan(**json.loads(meta.read_text()))
     geo = geometry(job.voxel_size, job.box_margin)
-    t1 = _load_template_grid(job.t1, "T1w")
+    t1 = _template_grid_data(job.t1, "T1w")
     if job.mask:
-        truth = _load_template_grid(job.mask, "lesion mask") > 0
+        truth = _template_grid_data(job.mask, "lesion mask") > 0
     else:
         truth = np.zeros(geo.template_shape, dtype=bool)
     image = image_to_working(np.asarray(t1, dtype=np.float32), geo, job.intensity)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import io
+from .. import io, tables
 from .config import TrainConfig, load_config
 from .data import Geometry, geometry_of, image_to_working, prob_to_template
 from .model import build_model
@@ -169,10 +169,8 @@ class Segmenter:
 
 def snapshot_paths(run_dir: os.PathLike | str) -> list[Path]:
     """The snapshot checkpoints of the run's last stage, in epoch order."""
-    import json
-
     run_dir = Path(run_dir)
-    doc = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    doc = tables.read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
     return [run_dir / p for p in doc.get("snapshots", [])]
 
 

@@ -31,7 +31,6 @@ uninterrupted one (crops depend only on seed, stage, epoch and item; RNG and opt
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -44,7 +43,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .. import __version__, io
+from .. import __version__, io, tables
 from ..index import refresh_index
 from .config import TrainConfig, load_config, make_config, save_config
 from .curve import curve_quietly
@@ -119,14 +118,11 @@ def _save_torch(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _write_log(rows: list[dict], path: Path) -> pd.DataFrame:
+def _log_table(rows: list[dict], path: Path) -> pd.DataFrame:
+    """The epoch log so far, written to ``path`` (``log.tsv``) and returned."""
     table = pd.DataFrame(rows, columns=LOG_COLUMNS)
-    io.write_text(table.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"), path)
+    tables.write_tsv(table, path, float_format="%.6g")
     return table
-
-
-def _json(doc: dict, path: Path) -> None:
-    io.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -234,13 +230,13 @@ def train(bids_root: os.PathLike | str, splits: os.PathLike | str, run_dir: os.P
     }
     previous: dict = {}
     if checkpoint is not None:
-        previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+        previous = tables.read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
         if previous.get("data_fingerprint") not in (None, fingerprint):
             raise ValueError(f"{run_dir}: the split table or its images changed since the run started "
                              "(data fingerprint differs); start a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / RUN_CONFIG)
-    _json(run_doc, run_dir / RUN_FILE)
+    tables.write_json(run_doc, run_dir / RUN_FILE)
 
     threads = torch.get_num_threads()
     try:
@@ -336,7 +332,7 @@ def _train(cfg: TrainConfig, root: Path, splits, run_dir: Path, device_: torch.d
                     _save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "rng": _rng_state(device_),
                                  "stage": position[0], "epoch": position[1], "log": rows}, run_dir / LAST)
-                _write_log(rows, run_dir / "log.tsv")
+                _log_table(rows, run_dir / "log.tsv")
                 bar.update(1)
                 bar.set_postfix(stage=stage.name, loss=f"{means[0]:.3f}",
                                 dev=f"{score:.3f}" if not math.isnan(score) else "-")
@@ -358,8 +354,8 @@ def _train(cfg: TrainConfig, root: Path, splits, run_dir: Path, device_: torch.d
                     "snapshots": [p.as_posix() for p in snapshots] if complete else [],
                     "seconds": round(float(previous.get("seconds", 0.0)) + seconds, 1),  # over all calls
                     "epochs_done": len(rows)})
-    _json(run_doc, run_dir / RUN_FILE)
-    log = _write_log(rows, run_dir / "log.tsv")
+    tables.write_json(run_doc, run_dir / RUN_FILE)
+    log = _log_table(rows, run_dir / "log.tsv")
     curve_quietly(run_dir)
     refresh_index(root, "run", run_dir)
     volumes = pd.to_numeric(dev_rows.get("lesion_volume_mm3", pd.Series(dtype=float)), errors="coerce")
