@@ -73,20 +73,39 @@ def main(verbose: int) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--subjects", default=8, show_default=True, type=click.IntRange(1, 2000), help="Number of subjects.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same release.")
-@click.option("--flavour", default="native", show_default=True, type=click.Choice(["native", "standard", "atlas2"]),
+@click.option("--flavour", default="native", show_default=True,
+              type=click.Choice(["native", "standard", "atlas2", "bids"]),
               help="native: ICPSR R1.1 layout with scanner-space heads; standard: FCP-INDI R1.1 layout in template "
                    "space; atlas2: R2.0 layout (ATLAS_2/Training|Testing/RNNN/sub-*/ses-1/anat, one merged mask per "
-                   "training scan, testing masks only in the truth).")
+                   "training scan, testing masks only in the truth); bids: a BIDS lesion dataset of native scans "
+                   "(see --layout).")
+@click.option("--layout", default="atlas3", show_default=True, type=click.Choice(["atlas3", "lab"]),
+              help="bids only. atlas3: our guess at ATLAS v3.0 (ATLAS_3/Training/RNNN/ cohort datasets, "
+                   "space-orig T1w + label-L_desc-T1lesion_mask); lab: one lab dataset, session-less and "
+                   "two-session subjects, ISLES'26-style sidecar fields.")
+@click.option("--brain-extracted/--whole-head", "brain_extracted", default=None,
+              help="bids only: brain-extracted T1s or whole heads [default: brain-extracted for atlas3, whole head "
+                   "for lab].")
+@click.option("--masks", default="anat", show_default=True, type=click.Choice(["anat", "derivatives"]),
+              help="bids lab layout only: masks beside the T1 (_label-lesion_roi, in .bidsignore) or in "
+                   "derivatives/lesions_manual/ (_space-orig|T1w_desc-lesion_mask).")
 @click.option("--faults", is_flag=True, help="Add broken scans (truncated gzip, mask on another grid, empty mask, "
-                                            "metadata row without folder, folder without row).")
+                                            "metadata row without folder, folder without row); not with bids.")
 @click.option("--truth", type=click.Path(file_okay=False), default=None,
               help="Where to write the ground truth (default: OUT-truth beside OUT).")
 @_jobs_option("synth")
-def synth(out, subjects, seed, flavour, faults, truth, jobs):
-    """Write a synthetic ATLAS release to OUT, with its ground truth beside it."""
+def synth(out, subjects, seed, flavour, layout, brain_extracted, masks, faults, truth, jobs):
+    """Write a synthetic ATLAS release (or BIDS lesion dataset) to OUT, with its ground truth beside it."""
     from .synth import default_truth_dir, synthesize
 
-    doc = synthesize(out, subjects=subjects, seed=seed, flavour=flavour, faults=faults, truth=truth, jobs=jobs)
+    if flavour != "bids":
+        given = click.get_current_context().get_parameter_source
+        for name, flag in (("layout", "--layout"), ("brain_extracted", "--brain-extracted/--whole-head"),
+                           ("masks", "--masks")):
+            if given(name) == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{flag} works only with --flavour bids")
+    doc = synthesize(out, subjects=subjects, seed=seed, flavour=flavour, faults=faults, truth=truth, jobs=jobs,
+                     layout=layout, brain_extracted=brain_extracted, masks=masks)
     click.echo(f"wrote {len(doc['scans'])} scans to {out}")
     click.echo(f"ground truth: {truth or default_truth_dir(out)}")
 
@@ -97,19 +116,28 @@ def synth(out, subjects, seed, flavour, faults, truth, jobs):
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Metadata table (xlsx or csv); default: the one at the release root.")
 @click.option("--flavour", default="auto", show_default=True,
-              type=click.Choice(["auto", "native", "standard", "atlas2"]),
-              help="Release layout; auto detects it.")
+              type=click.Choice(["auto", "native", "standard", "atlas2", "bids"]),
+              help="Release layout; auto detects it (bids: a BIDS dataset, or one per cohort folder).")
 @click.option("--naming", "naming_scheme", default="native", show_default=True,
               type=click.Choice(["native", "atlas2"]),
               help="native keeps the release IDs (sub-c0001s0001, ses-t01); atlas2 gives sub-r001s001, ses-1.")
+@click.option("--t1w-entities", default=None, metavar="ENTITY=LABEL[,...]",
+              help="BIDS sources with several T1w per scan: use the one carrying these entities "
+                   "(e.g. acq=mprage,run=1); default: native space, then fewest entities, then lowest run.")
 @_executor_options("bids-convert")
 @click.option("--overwrite", is_flag=True, help="Redo scans that are already converted.")
-def bids_convert(source, output, metadata, flavour, naming_scheme, jobs, executor, scheduler, overwrite):
-    """Convert the ATLAS release at SOURCE into a BIDS dataset at OUTPUT."""
+def bids_convert(source, output, metadata, flavour, naming_scheme, t1w_entities, jobs, executor, scheduler,
+                 overwrite):
+    """Convert the ATLAS release or BIDS lesion dataset(s) at SOURCE into a BIDS dataset at OUTPUT."""
     from .convert import convert
+    from .convert.bids import parse_filter
 
-    result = convert(source, output, metadata=metadata, flavour=flavour, naming_scheme=naming_scheme, jobs=jobs,
-                     executor=executor, scheduler=scheduler, overwrite=overwrite)
+    try:
+        entities = parse_filter(t1w_entities)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--t1w-entities") from None
+    result = convert(source, output, metadata=metadata, flavour=flavour, naming_scheme=naming_scheme,
+                     t1w_entities=entities, jobs=jobs, executor=executor, scheduler=scheduler, overwrite=overwrite)
     click.echo(result.summary())
     if result.n_failed:
         sys.exit(1)

@@ -7,7 +7,11 @@ One reader per release layout turns a folder into :class:`SourceScan` records; e
 * ``standard``: R1.1 FCP-INDI, ``[ATLAS_R1.1/]SiteN/SSSSSS/tNN/``;
 * ``atlas2``: R2.0, ``[ATLAS_2/]{Training,Testing}/RNNN/sub-rNNNsNNN/ses-N/anat/``. Its single mask per
   scan (all lesions merged) is recorded as lesion 0 with ``merged_mask``; testing scans
-  (``part="testing"``) have no mask by design (``mask_expected=False``).
+  (``part="testing"``) have no mask by design (``mask_expected=False``). Its file rules are the ``atlas2``
+  profile of the BIDS reader (``bids.py``, ``metadata/lesion-rules.json``);
+* ``bids``: any BIDS dataset, or one per cohort folder (``bids.py``).
+
+Empty subject/session/scan folders are not scans: they are reported (``empty`` of :func:`discover`).
 
 Every folder name that becomes a label is parsed by a strict pattern (``ids.py``); a folder that does not
 match is an error naming the folder, never a label built from raw text.
@@ -22,7 +26,7 @@ from pathlib import Path
 from .. import naming
 from ..ids import ATLAS2_COHORT, Atlas2ScanId, IdError, IndiScanId, ScanId
 
-FLAVOURS = ("auto", "native", "standard", "atlas2")
+FLAVOURS = ("auto", "native", "standard", "atlas2", "bids")
 COHORT_DIR = re.compile(r"^c\d{4}$")
 SITE_DIR = re.compile(r"^Site\d{1,3}$")
 
@@ -48,6 +52,10 @@ class SourceScan:
     part: str = ""                 # atlas2: training | testing
     merged_mask: bool = False      # one mask holds every lesion (R2.0): identity is derived, not read
     mask_expected: bool = True     # False where the release withholds masks by design (R2.0 testing)
+    space: str = ""                # bids: the T1w's space (naming.NATIVE_SPACE or naming.SPACE); "" = by flavour
+    fatal: list[str] = field(default_factory=list)    # found while reading names: masks not written
+    missing_t1: str = ""           # why no T1 was taken (reason of the failure), "" = the default reason
+    sidecar: dict = field(default_factory=dict)       # the source T1w's JSON sidecar (bids)
 
     @property
     def subject(self) -> str:
@@ -71,10 +79,15 @@ def _atlas2_parts(root: Path) -> list[tuple[str, Path]]:
 
 
 def detect_flavour(root: Path) -> str:
-    """``native`` (cXXXX/ folders), ``standard`` ([ATLAS_R1.1/]SiteN/) or ``atlas2``
+    """``bids`` (a BIDS dataset at the root or in each cohort folder one or two levels down, whose T1w are not
+    R2.0's template-space ones), ``native`` (cXXXX/ folders), ``standard`` ([ATLAS_R1.1/]SiteN/) or ``atlas2``
     ([ATLAS_2/]Training/ or Testing/ holding RNNN/ cohort folders)."""
     if not root.is_dir():
         raise ReleaseError(f"{root}: not a folder")
+    from .bids import is_bids_tree
+
+    if is_bids_tree(root):
+        return "bids"
     if any(COHORT_DIR.match(p.name) and p.is_dir() for p in root.iterdir()):
         return "native"
     std = root / naming.STANDARD_ROOT if (root / naming.STANDARD_ROOT).is_dir() else root
@@ -82,9 +95,10 @@ def detect_flavour(root: Path) -> str:
         return "standard"
     if any(ATLAS2_COHORT.match(p.name) and p.is_dir() for _, folder in _atlas2_parts(root) for p in folder.iterdir()):
         return "atlas2"
-    raise ReleaseError(f"{root}: neither a native release (cXXXX/cXXXXsXXXXtXX/ folders), a "
-                       f"standard-space release ({naming.STANDARD_ROOT}/SiteN/ folders) nor an R2.0 release "
-                       f"({naming.ATLAS2_ROOT}/Training/RNNN/ or {naming.ATLAS2_ROOT}/Testing/RNNN/ folders)")
+    raise ReleaseError(f"{root}: neither a BIDS dataset (dataset_description.json and sub-* folders, here or in "
+                       "each cohort folder one or two levels down), a native release (cXXXX/cXXXXsXXXXtXX/ "
+                       f"folders), a standard-space release ({naming.STANDARD_ROOT}/SiteN/ folders) nor an R2.0 "
+                       f"release ({naming.ATLAS2_ROOT}/Training/RNNN/ or {naming.ATLAS2_ROOT}/Testing/RNNN/ folders)")
 
 
 def standard_root(root: Path) -> Path:
@@ -114,6 +128,18 @@ def _folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _has_files(folder: Path) -> bool:
+    """The folder holds a file (hidden ones left out) at any depth."""
+    return any(p.is_file() and not any(piece.startswith(".") for piece in p.relative_to(folder).parts)
+               for p in folder.rglob("*"))
+
+
+def _note_empty(empty: list | None, folder: Path, root: Path) -> None:
+    """Record an empty subject/session folder (reported, not a scan)."""
+    if empty is not None:
+        empty.append((folder.relative_to(root).as_posix(), None))
+
+
 def _atlas2_scan(session_dir: Path, cohort_dir: Path, part: str, naming_scheme: str) -> SourceScan:
     try:
         sid = Atlas2ScanId.parse_parts(session_dir.parent.name, session_dir.name)
@@ -125,26 +151,12 @@ def _atlas2_scan(session_dir: Path, cohort_dir: Path, part: str, naming_scheme: 
                       str(session_dir), part=part, merged_mask=True, mask_expected=part == "training")
     if sid.cohort_id != cohort_dir.name:
         scan.problems.append(f"cohort_folder: scan {sid} is filed under {cohort_dir.name}")
-    t1_names = {naming.atlas2_t1_name(sid, ext) for ext in (".nii.gz", ".nii")}
-    mask_names = {naming.atlas2_mask_name(sid, ext): ext.lstrip(".") for ext in (".nii.gz", ".nii")}
-    for path in sorted(session_dir.rglob("*")):
-        rel = path.relative_to(session_dir).as_posix()
-        if path.is_dir() or any(piece.startswith(".") for piece in Path(rel).parts):
-            continue
-        if path.parent.name != "anat" or path.parent.parent != session_dir:
-            scan.unrecognised.append(rel)
-        elif path.name in t1_names:
-            if scan.t1 is not None:
-                scan.problems.append(f"duplicate_t1: {path.name}")
-            scan.t1 = str(path)
-        elif path.name in mask_names:
-            scan.smooth.setdefault(0, {})[mask_names[path.name]] = str(path)
-        else:
-            scan.unrecognised.append(rel)
-    return scan
+    from .bids import collect_session  # R2.0 is a configuration (profile) of the BIDS reader
+
+    return collect_session(scan, session_dir, "atlas2", labels=sid.bids_labels())
 
 
-def _discover_atlas2(root: Path, naming_scheme: str) -> list[SourceScan]:
+def _discover_atlas2(root: Path, naming_scheme: str, empty: list | None = None) -> list[SourceScan]:
     """R2.0: every ``{Training,Testing}/RNNN/sub-rNNNsNNN/ses-N/`` folder. Files beside the cohort folders
     (``dataset_description.json``, README, …) are not scans; any other folder is an error."""
     parts = _atlas2_parts(root)
@@ -157,14 +169,32 @@ def _discover_atlas2(root: Path, naming_scheme: str) -> list[SourceScan]:
                 raise ReleaseError(f"{cohort_dir}: not an R2.0 cohort folder (expected e.g. R001)")
             for subject_dir in _folders(cohort_dir):
                 sessions = _folders(subject_dir)
+                if not sessions and not _has_files(subject_dir):
+                    try:
+                        sid = Atlas2ScanId.parse_parts(subject_dir.name, "ses-1")
+                    except IdError as exc:
+                        raise ReleaseError(f"{subject_dir}: {exc}") from exc
+                    if subject_dir.name != naming.atlas2_scan_dir(sid, part).parts[-3]:
+                        raise ReleaseError(f"{subject_dir}: folders must be named sub-rNNNsNNN/ses-N")
+                    _note_empty(empty, subject_dir, root)
+                    continue
                 if not sessions:
                     raise ReleaseError(f"{subject_dir}: no ses-N folder")
-                scans += [_atlas2_scan(d, cohort_dir, part, naming_scheme) for d in sessions]
+                for session_dir in sessions:
+                    scan = _atlas2_scan(session_dir, cohort_dir, part, naming_scheme)   # checks the names first
+                    if _has_files(session_dir):
+                        scans.append(scan)
+                    else:
+                        _note_empty(empty, session_dir, root)
     return scans
 
 
-def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native") -> tuple[str, list[SourceScan]]:
-    """All scans of the release at ``root``, sorted by key."""
+def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native",
+             t1w_filter: dict[str, str] | None = None,
+             empty: list[tuple[str, naming.ScanRef | None]] | None = None) -> tuple[str, list[SourceScan]]:
+    """All scans of the release at ``root``, sorted by key. Empty subject/session/scan folders are not scans:
+    they are appended to ``empty`` (folder relative to ``root``, the scan it would be or ``None``).
+    ``t1w_filter`` (bids only): keep the T1w carrying these entities."""
     root = Path(root)
     if flavour == "auto":
         flavour = detect_flavour(root)
@@ -176,6 +206,9 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                     sid = ScanId.parse(folder.name)
                 except IdError as exc:
                     raise ReleaseError(f"{folder}: {exc}") from exc
+                if not _has_files(folder):
+                    _note_empty(empty, folder, root)
+                    continue
                 scan = SourceScan(str(sid), "native", sid.cohort_id, naming.ScanRef(*sid.bids_labels(naming_scheme)),
                                   str(folder))
                 if sid.cohort_id != cohort_dir.name:
@@ -186,6 +219,13 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
         base = standard_root(root)
         for site_dir in sorted(p for p in base.iterdir() if p.is_dir() and SITE_DIR.match(p.name)):
             for subject_dir in sorted(p for p in site_dir.iterdir() if p.is_dir()):
+                if not _has_files(subject_dir):
+                    try:
+                        IndiScanId.parse_parts(site_dir.name, subject_dir.name, "t01")
+                    except IdError as exc:
+                        raise ReleaseError(f"{subject_dir}: {exc}") from exc
+                    _note_empty(empty, subject_dir, root)
+                    continue
                 for session_dir in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
                     try:
                         sid = IndiScanId.parse_parts(site_dir.name, subject_dir.name, session_dir.name)
@@ -193,6 +233,9 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                         raise ReleaseError(f"{session_dir}: {exc}") from exc
                     if subject_dir.name != sid.subject_id:
                         raise ReleaseError(f"{subject_dir}: subject folder is not zero-padded to 6 digits")
+                    if not _has_files(session_dir):
+                        _note_empty(empty, session_dir, root)
+                        continue
                     scan = SourceScan(str(sid), "standard", sid.cohort_id,
                                       naming.ScanRef(*sid.bids_labels(naming_scheme)), str(session_dir))
                     stem = sid.file_stem
@@ -200,7 +243,11 @@ def discover(root: Path, flavour: str = "auto", *, naming_scheme: str = "native"
                                stem)
                     scans.append(scan)
     elif flavour == "atlas2":
-        scans = _discover_atlas2(root, naming_scheme)
+        scans = _discover_atlas2(root, naming_scheme, empty)
+    elif flavour == "bids":
+        from .bids import discover_bids
+
+        scans = discover_bids(root, t1w_filter=t1w_filter, empty=empty)
     else:
         raise ReleaseError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
     seen: dict[naming.ScanRef, str] = {}

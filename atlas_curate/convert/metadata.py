@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -127,6 +127,7 @@ class Metadata:
     specs: list[ColumnSpec]
     rows: dict[str, dict]           # scan key -> {column: value}
     problems: list[str]             # one line per problem, naming the row
+    sidecars: dict[str, dict] = field(default_factory=dict)   # column -> JSON entry (BIDS sources: their own)
 
 
 def row_key(row: pd.Series, flavour: str) -> str:
@@ -184,10 +185,14 @@ def load_metadata(path: Path | None, flavour: str) -> Metadata:
     return Metadata(Path(path), present, rows, problems)
 
 
-def column_sidecar(specs: list[ColumnSpec]) -> dict:
-    """BIDS sidecar entries (Description, Levels) for mapped columns."""
+def column_sidecar(specs: list[ColumnSpec], given: dict[str, dict] | None = None) -> dict:
+    """BIDS sidecar entries (Description, Levels) for mapped columns; ``given`` entries (a BIDS source's own
+    descriptions) are taken as they are."""
     out = {}
     for spec in specs:
+        if given and spec.column in given:
+            out[spec.column] = given[spec.column]
+            continue
         entry = {"Description": spec.description}
         if spec.levels:
             entry["Levels"] = levels()[spec.levels]

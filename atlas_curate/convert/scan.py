@@ -45,8 +45,19 @@ DSEG_COLUMNS = {
 DSEG_TABLE_COLUMNS = ["index", "name", "volume_mm3", "source_file"]
 #: conversion_report.tsv: ``scan`` is the BIDS scan key (as in every other table), ``release_scan`` the
 #: release's own scan ID; a metadata row without a scan folder has no BIDS key (``n/a``)
+#: ``tiny_components``: 26-connected components of the lesion mask under TINY_VOXELS voxels (counted, never
+#: removed); ``skull_stripped`` (bids reader): whether the T1w is brain-extracted
 REPORT_COLUMNS = ["scan", "release_scan", "participant_id", "session_id", "status", "reason", "n_lesions",
-                  "lesion_volumes_mm3", "primary_override", "checks"]
+                  "lesion_volumes_mm3", "primary_override", "checks", "tiny_components", "skull_stripped"]
+TINY_VOXELS = 10             # microbleed-sized mask components
+OUTSIDE_HEAD_FRACTION = 0.5  # a mask with more than this fraction outside its T1's head/brain is reported
+HEAD_THRESHOLD = 0.15        # head/brain foreground: intensity above this fraction of the 99th percentile
+#: brain-extracted T1 test (when the source sidecar has no SkullStripped): the largest connected region of
+#: non-zero voxels (holes filled) is under STRIPPED_MAX_ML and nearly every voxel outside it is exactly 0.
+#: Calibration: synthetic brains 1744-2177 mL and Colin27 ch2bet 1736 mL; synthetic whole heads (noisy
+#: background) 10306-13479 mL, Colin27 ch2 (zero background) 4152 mL.
+STRIPPED_MAX_ML = 3000.0
+STRIPPED_MIN_ZERO = 0.95
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,8 @@ class ScanResult:
     override: bool
     checks: list[str]
     fatal: list[str]
+    tiny_components: int | None = None
+    stripped: tuple[bool, str] | None = None    # (brain-extracted, how decided): bids reader only
 
     def lesion_sets(self) -> dict[str, LesionSet]:
         """The lesion sets to write (those given a label image), smoothed first."""
@@ -89,13 +102,68 @@ class ScanResult:
 
 
 def scan_space(scan: SourceScan) -> str:
-    """The space label of the scan's outputs: scanner space (native release) or the template's."""
+    """The space label of the scan's outputs: scanner space (native release, native BIDS T1w) or the
+    template's."""
+    if scan.space:
+        return scan.space
     return naming.NATIVE_SPACE if scan.flavour == "native" else naming.SPACE
 
 
 def t1_output(scan: SourceScan) -> str:
-    """The naming spec's key of the scan's T1: raw T1w (native release) or the template-space derivative."""
-    return "t1w" if scan.flavour == "native" else "standard_t1w"
+    """The naming spec's key of the scan's T1: raw T1w (native space) or the template-space derivative."""
+    return "t1w" if scan_space(scan) == naming.NATIVE_SPACE else "standard_t1w"
+
+
+# --- image tests -------------------------------------------------------------------------------------
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def head_foreground(data: np.ndarray) -> np.ndarray:
+    """The head (or brain, for a brain-extracted T1): voxels above HEAD_THRESHOLD of the 99th percentile of the
+    positive intensities, largest connected region, holes filled, dilated by 2 voxels."""
+    positive = data[data > 0]
+    if positive.size == 0:
+        return np.zeros(data.shape, bool)
+    region = _largest(data > HEAD_THRESHOLD * float(np.percentile(positive, 99)))
+    return ndimage.binary_dilation(region, iterations=2)
+
+
+def skull_stripped(t1: nib.Nifti1Image, sidecar: dict) -> tuple[bool, str]:
+    """Whether the T1 is brain-extracted and how that was decided: the source sidecar's ``SkullStripped`` when it
+    is a boolean, else the image test (see STRIPPED_MAX_ML)."""
+    given = sidecar.get("SkullStripped")
+    if isinstance(given, bool):
+        return given, "SkullStripped field of the source T1w sidecar"
+    data = np.asanyarray(t1.dataobj)
+    support = _largest(data != 0)
+    volume_ml = float(support.sum()) * io.voxel_volume(t1) / 1000.0
+    outside = ~support
+    zero = float(np.mean(data[outside] == 0)) if outside.any() else 0.0
+    stripped = volume_ml < STRIPPED_MAX_ML and zero >= STRIPPED_MIN_ZERO
+    return stripped, (f"image test: non-zero region {volume_ml:.0f} mL ({'<' if volume_ml < STRIPPED_MAX_ML else '>='} "
+                      f"{STRIPPED_MAX_ML:.0f} mL), {zero:.1%} of the voxels outside it exactly 0 "
+                      f"(brain-extracted: < {STRIPPED_MAX_ML:.0f} mL and >= {STRIPPED_MIN_ZERO:.0%})")
+
+
+def defect_checks(t1: nib.Nifti1Image, mask: np.ndarray, checks: list[str]) -> int:
+    """Report a mask lying mostly outside its T1's head/brain (misaligned) and count its tiny components
+    (26-connected, under TINY_VOXELS voxels); returns that count. Changes nothing."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    total = int(mask.sum())
+    if total:
+        data = np.asanyarray(t1.dataobj)
+        inside = int(np.count_nonzero(mask & head_foreground(data.reshape(mask.shape))))
+        outside = 1.0 - inside / total
+        if outside > OUTSIDE_HEAD_FRACTION:
+            checks.append(f"mask_outside_head: {outside:.0%} of the lesion mask ({total - inside} of {total} voxels) "
+                          "lies outside the T1's head/brain (misaligned mask?)")
+    return int(np.count_nonzero(sizes < TINY_VOXELS))
 
 
 def scan_outputs(scan: SourceScan) -> dict[str, Path]:
@@ -187,13 +255,32 @@ def _components(mask: np.ndarray, checks: list[str]) -> dict[int, np.ndarray]:
             for index, group in enumerate(order)}
 
 
+def _template_grid_masks(scan: SourceScan, t1: nib.Nifti1Image, fatal: list[str]) -> None:
+    """A mask on the template grid under a T1 that is not is a named error: masks are never resampled."""
+    from ..templates import template_grid
+
+    grid = template_grid()
+    if grid.problem(t1) is None:
+        return
+    for exts in scan.smooth.values():
+        for path in exts.values():
+            try:
+                header = nib.load(path)
+            except Exception:   # unreadable: _read_masks reports it
+                continue
+            if grid.problem(header) is None:
+                fatal.append(f"template_mask: {Path(path).name} is on the {grid.space} template grid but its T1w "
+                             f"{Path(scan.t1).name} is not; masks are never resampled (masks not written)")
+                return
+
+
 def read_scan(scan: SourceScan, root: Path) -> ScanResult:
     """Read and check one scan's T1 and tracings (writes nothing; raises on an unusable T1)."""
     if scan.t1 is None:
-        raise io.InputError(scan.folder, "no T1 image in the scan folder")
+        raise io.InputError(scan.folder, scan.missing_t1 or "no T1 image in the scan folder")
     t1 = io.load_nifti(scan.t1, squeeze=False)
     checks = list(scan.problems) + [f"unrecognised_file: {name}" for name in scan.unrecognised]
-    fatal: list[str] = []
+    fatal: list[str] = list(scan.fatal)
     reencode = t1.ndim == 4 and t1.shape[3] == 1
     if reencode:
         t1 = io.load_nifti(scan.t1)
@@ -201,6 +288,8 @@ def read_scan(scan: SourceScan, root: Path) -> ScanResult:
     elif t1.ndim != 3:
         raise io.InputError(scan.t1, f"expected a 3-D T1 image, got shape {t1.shape}")
 
+    if scan.flavour == "bids" and not fatal:
+        _template_grid_masks(scan, t1, fatal)
     smooth = _read_masks(scan.smooth, t1, "merged" if scan.merged_mask else "Smooth", checks, fatal, root)
     raw = _read_masks(scan.raw, t1, "Raw", checks, fatal, root)
     if scan.merged_mask and smooth.masks:
@@ -219,11 +308,15 @@ def read_scan(scan: SourceScan, root: Path) -> ScanResult:
         if any(a < b for a, b in zip(secondaries, secondaries[1:])):
             checks.append("secondary_order: secondary lesions are not ordered largest to smallest")
         override = volumes[0] < volumes[1]
+    tiny = None
+    if smooth.masks:
+        tiny = defect_checks(t1, np.logical_or.reduce([smooth.masks[i] for i in sorted(smooth.masks)]), checks)
+    stripped = skull_stripped(t1, scan.sidecar) if scan.flavour == "bids" else None
     if not fatal and smooth.masks:
         smooth.dseg = _dseg(smooth.masks, checks, "smoothed")
         if raw.masks and set(raw.masks) == set(smooth.masks):
             raw.dseg = _dseg(raw.masks, checks, "raw")
-    return ScanResult(t1, reencode, voxel_mm3, smooth, raw, volumes, override, checks, fatal)
+    return ScanResult(t1, reencode, voxel_mm3, smooth, raw, volumes, override, checks, fatal, tiny, stripped)
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -247,7 +340,11 @@ def _write_t1(job: ScanJob, result: ScanResult, path: Path) -> list[Path]:
         io.copy_file(scan.t1, output / path)
     fields = {"ConversionSoftware": "atlas-curate", "ConversionSoftwareVersion": __version__,
               "ReleaseFile": Path(scan.t1).relative_to(job.source_root).as_posix(), "ReleaseScanID": scan.key}
-    if scan.flavour != "native":   # standard (R1.1 FCP-INDI) and atlas2 (R2.0): template-space, defaced
+    if scan.flavour == "bids":
+        stripped, how = result.stripped
+        fields = {**{k: v for k, v in scan.sidecar.items() if k not in fields}, **fields,
+                  "SkullStripped": stripped, "SkullStrippedDecision": how}
+    elif scan.flavour != "native":   # standard (R1.1 FCP-INDI) and atlas2 (R2.0): template-space, defaced
         fields.update({"SkullStripped": False, "Defaced": True,
                        "Description": "Release's defaced, intensity-normalised T1w, linearly registered "
                                       f"to {naming.SPACE} by the ATLAS team"})
@@ -262,7 +359,7 @@ def _write_lesion_set(job: ScanJob, result: ScanResult, kind: str, lesions: Lesi
     scan, output, space = job.scan, Path(job.output), scan_space(job.scan)
     mask_key, dseg_key, table_key = LESION_OUTPUTS[kind]
     t1_path = outputs[t1_output(scan)]
-    if scan.flavour == "native":
+    if space == naming.NATIVE_SPACE:
         common = {"Sources": [f"bids:raw:{t1_path.as_posix()}"],
                   "SpatialReference": "native (scanner) space of the T1w"}
     else:
@@ -309,7 +406,9 @@ def scan_report(scan: SourceScan, result: ScanResult) -> dict:
               f"no lesion mask: the release withholds the masks of its {scan.part or 'unlabelled'} scans")
     return report_row(scan.key, scan.ref, status, reason, n_lesions=len(smooth) if not fatal else len(scan.smooth),
                       lesion_volumes_mm3=";".join(f"{v:.1f}" for v in result.volumes),
-                      primary_override=result.override, checks="; ".join(result.checks))
+                      primary_override=result.override, checks="; ".join(result.checks),
+                      tiny_components="" if result.tiny_components is None else result.tiny_components,
+                      skull_stripped="" if result.stripped is None else result.stripped[0])
 
 
 def convert_scan(job: ScanJob) -> dict:

@@ -5,6 +5,10 @@ template grid (T1 linear, lesion labels nearest neighbour), intensity standardis
 peak inside the template brain, lesion excluded, mapped to 100), defacing and automatic QC.
 Standard-space inputs skip registration after their grid is verified.
 
+Brain-extracted inputs (the T1w sidecar says ``"SkullStripped": true``; bids-convert records it) are registered
+brain-to-brain without the head stage (``register_brain``) and not defaced (there is no face to remove); the
+output sidecar says ``"Defaced": false`` and why (``DefacingSkipped``). QC and report are the same.
+
 A scan is computed in memory (:func:`compute_scan` -> :class:`ScanResult`) and then written by one writer
 driven by the naming spec (:func:`write_scan`: each output where ``metadata/outputs.json`` puts it, with the
 spec's dtype and sidecar fields, and the scan's manifest record last).
@@ -13,6 +17,7 @@ spec's dtype and sidecar fields, and the scan's manifest record last).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from ..qc_decisions import with_recorded
 from ..templates import template_arrays, template_grid
 from . import qc
 from .deface import deface
-from .register import register, template_images, to_ants, wm_peak
+from .register import register, register_brain, template_images, to_ants, wm_peak
 
 STAGE = "normalize"
 SPACE = naming.SPACE
@@ -37,6 +42,7 @@ WM_TARGET = 100.0
 T1_SOURCES = ((naming.NATIVE_SPACE, "t1w"), (SPACE, "standard_t1w"))   # (space, naming-spec key) of the inputs
 T1_GLOBS = ("sub-*/ses-*/anat/*_T1w.nii.gz", "sub-*/anat/*_T1w.nii.gz")
 LESION_OUTPUTS = {"lesion_mask": "norm_mask", "lesion_dseg": "norm_dseg", "raw_mask": "norm_raw_mask"}
+NO_FACE = "brain-extracted input: no face to remove"
 
 
 class T1Input(NamedTuple):
@@ -82,6 +88,23 @@ def find_inputs(root: Path, participant_labels: list[str] | None = None) -> list
             raise ValueError(f"{root}: no T1w image for participant label(s) {', '.join(unknown)}")
         found = [f for f in found if f.scan.sub in wanted]
     return found
+
+
+def skull_stripped(t1: os.PathLike | str) -> bool:
+    """Whether the T1w at ``t1`` is brain-extracted: its JSON sidecar's ``SkullStripped`` (``false`` when the
+    sidecar or the field is absent). A sidecar that is not JSON, or a field that is not a boolean, is an
+    ``io.InputError`` naming the sidecar."""
+    path = naming.sidecar(Path(t1))
+    if not path.is_file():
+        return False
+    try:
+        doc = tables.read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise io.InputError(path, f"unreadable JSON sidecar ({exc})") from exc
+    value = doc.get("SkullStripped", False) if isinstance(doc, dict) else None
+    if not isinstance(value, bool):
+        raise io.InputError(path, f"SkullStripped must be true or false, not {json.dumps(value)}")
+    return value
 
 
 def lesion_inputs(root: Path, scan: naming.ScanRef, space: str) -> dict[str, Path]:
@@ -200,12 +223,19 @@ def compute_scan(job: NormJob) -> ScanResult:
     root = Path(job.root)
     grid = template_grid()
     inputs = {key: path for key, path in lesion_inputs(root, job.scan, job.space).items() if path.is_file()}
+    stripped = skull_stripped(job.t1)
     t1 = io.load_nifti(job.t1)
     lesion_img = io.load_nifti(inputs["lesion_mask"]) if "lesion_mask" in inputs else None
     with tempfile.TemporaryDirectory(prefix="atlas-curate-norm-", ignore_cleanup_errors=True) as tmp:
         if job.space == SPACE:
             grid.check(t1, job.t1)
             affine_ras, transform, corrected = np.eye(4), None, None
+        elif stripped:
+            try:
+                reg = register_brain(t1, lesion_img, workdir=tmp)
+            except ValueError as exc:
+                raise io.InputError(job.t1, str(exc)) from exc
+            affine_ras, transform, corrected = reg.affine_ras, reg.transform_file, reg.corrected
         else:
             reg = register(t1, lesion_img, workdir=tmp)
             affine_ras, transform, corrected = reg.affine_ras, reg.transform_file, reg.corrected
@@ -222,7 +252,8 @@ def compute_scan(job: NormJob) -> ScanResult:
         else:
             standard, coverage, peak = to_template(corrected, transform, lesion)
             xfm = Path(transform).read_bytes()
-    defaced = deface(standard) if job.deface else standard
+    defacing = job.deface and not stripped
+    defaced = deface(standard) if defacing else standard
     values = _qc(standard, lesion, lesion_img, affine_ras, coverage)
     passed, reasons = qc.verdict(values)
     from .report import scan_figure
@@ -233,11 +264,16 @@ def compute_scan(job: NormJob) -> ScanResult:
     row = {**_scan_columns(job), "qc_pass": passed, "qc_reasons": "; ".join(reasons),
            **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in values.items()},
            "figure": output_paths(job.scan)["figure"].relative_to(naming.PIPELINE_DERIVATIVE).as_posix()}
-    t1_fields = {"Defaced": job.deface, "Sources": sources(job.t1), "SpatialReference": SPACE,
+    t1_fields = {"Defaced": defacing, "Sources": sources(job.t1), "SpatialReference": SPACE,
                  "IntensityScale": f"white-matter peak inside the template brain (lesion excluded) mapped to "
                                    f"{WM_TARGET:g}; 0 stays 0", "WhiteMatterPeakNative": peak,
                  "Description": "N4 bias-corrected, affinely registered, intensity-standardised"
-                                + (", defaced" if job.deface else "")}
+                                + (", defaced" if defacing else "")}
+    if stripped:
+        t1_fields.update({"SkullStripped": True, "DefacingSkipped": NO_FACE,
+                          "Description": t1_fields["Description"]
+                          + (" (brain-extracted input, registered brain to brain)" if transform else
+                             " (brain-extracted input)")})
     xfm_fields = {"AffineRAS": np.round(affine_ras, 8).tolist(), "Sources": sources(job.t1),
                   "Convention": "AffineRAS maps native world RAS mm to template world RAS mm; the .mat is an ANTs "
                                 "affine (maps template points to native points, LPS), usable with antsApplyTransforms"}
@@ -278,8 +314,10 @@ def write_scan(root: Path, result: ScanResult, manifest: tables.Manifest, digest
 def normalize_scan(job: NormJob) -> dict:
     """Normalise one scan; returns its QC row. Raises Skip when its outputs are current."""
     root = Path(job.root)
-    digest = tables.fingerprint([Path(job.t1), *lesion_inputs(root, job.scan, job.space).values()],
-                                {"deface": job.deface, "space": job.space})
+    params = {"deface": job.deface, "space": job.space}
+    if skull_stripped(job.t1):   # (only then: the digests of whole-head scans stay what they were)
+        params["skull_stripped"] = True
+    digest = tables.fingerprint([Path(job.t1), *lesion_inputs(root, job.scan, job.space).values()], params)
     manifest = tables.Manifest(root, STAGE, job.key)
     manifest.skip_if_current(digest, "already normalised", "qc", overwrite=job.overwrite)
     return write_scan(root, compute_scan(job), manifest, digest)

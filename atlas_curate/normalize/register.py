@@ -32,8 +32,11 @@ the real Colin27 head). Here registration is done in stages:
    least-squares affine fit of the SyN displacement over every 4th template brain voxel)``. The
    deformation itself is discarded: the output is one 12-parameter affine.
 
-A brain mask given by the caller (a brain-extracted release, or a mask from another tool) replaces the
-image-driven one in step 3.
+A brain mask given by the caller (a mask from another tool) replaces the image-driven one in step 3.
+
+Brain-extracted T1s (zero outside the brain) go through ``register_brain`` instead: no head stage (nothing
+outside the brain to align), N4 inside the non-zero voxels, a start that puts the brain's centre of mass on
+the template brain's, then steps 3 (with the non-zero voxels as the brain mask) and 4 as above.
 
 Accuracy on a real head scanned 24 ways (``benchmarks/bench_real_heads.py``) and timing: see
 benchmarks/README.md.
@@ -91,6 +94,9 @@ SYN_MARGIN = 2               # voxels of the 4 mm grid kept around the template 
 POINT_STRIDE = 4             # every 4th template brain voxel enters the least-squares fit
 SYN_CC_RADIUS = 1             # voxels (4 mm)
 SYN_FLOW_SIGMA = 6            # voxels of the 4 mm grid (24 mm: the scale of anatomical variation)
+EXTRACTED_MIN_ML = 300.0     # a brain-extracted T1's non-zero region must be brain-sized (``extracted_brain``)
+EXTRACTED_MAX_ML = 3000.0    # (a brain with a 2 mm rim is ~1.2-2.0 l; a whole head 4 l and more)
+EXTRACTED_MARGIN_MM = 8.0    # a brain-extracted T1 is cropped to its non-zero box plus this margin
 
 
 def to_ants(img: nib.Nifti1Image, dtype=np.float32) -> ants.ANTsImage:
@@ -615,16 +621,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     try:
         bias = bias_field(small)
         small_corrected = robust_scale(small / bias)
-        full_field = ants.resample_image_to_target(bias, native, interp_type="linear").numpy()
-        full_field[~(full_field > 1e-3)] = 1.0
-        data = native.numpy()
-        np.divide(data, full_field, out=data)
-        data /= _robust_top(data, stride=2)
-        corrected = native.new_image_like(data)
-        lesion_keep = None
-        if lesion is not None:
-            grown = ndimage.binary_dilation(np.asarray(lesion.dataobj) > 0, iterations=2)
-            lesion_keep = to_ants(nib.Nifti1Image((~grown).astype(np.float32), lesion.affine))
+        corrected, lesion_keep = _corrected(native, bias, lesion)
         clock.lap("bias_field")
         stage = head.result()
         clock.lap("head_stage_wait")
@@ -633,6 +630,34 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
         head.cancel()
 
     given = to_ants(brain_mask) if brain_mask is not None else None
+    return _brain_stage(tpl, template, stage, small_corrected, corrected, lesion, lesion_keep, given,
+                        brain_passes=brain_passes, refine=refine, tmp=tmp, clock=clock)
+
+
+def _corrected(native: ants.ANTsImage, bias: ants.ANTsImage, lesion: nib.Nifti1Image | None
+               ) -> tuple[ants.ANTsImage, ants.ANTsImage | None]:
+    """The native image divided by the (4 mm) ``bias`` field brought to its grid and scaled to its robust top,
+    and the native-grid mask of the voxels away from the lesion (the lesion grown by 2 voxels; None without)."""
+    full_field = ants.resample_image_to_target(bias, native, interp_type="linear").numpy()
+    full_field[~(full_field > 1e-3)] = 1.0
+    data = native.numpy()
+    np.divide(data, full_field, out=data)
+    data /= _robust_top(data, stride=2)
+    lesion_keep = None
+    if lesion is not None:
+        grown = ndimage.binary_dilation(np.asarray(lesion.dataobj) > 0, iterations=2)
+        lesion_keep = to_ants(nib.Nifti1Image((~grown).astype(np.float32), lesion.affine))
+    return native.new_image_like(data), lesion_keep
+
+
+def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.ANTsImage,
+                 corrected: ants.ANTsImage, lesion: nib.Nifti1Image | None, lesion_keep: ants.ANTsImage | None,
+                 given: ants.ANTsImage | None, *, brain_passes: int, refine: bool, tmp: str,
+                 clock: _Clock) -> Registration:
+    """Steps 3 and 4 of the module docstring (brain rounds, least-squares refinement), from the transform
+    ``stage`` (the head stage's, or a brain-extracted scan's initial alignment), on the bias-corrected
+    ``small_corrected`` (4 mm) and ``corrected`` (native grid); ``given``: a native brain mask used instead
+    of the image-driven one."""
     lesion_native = None
     if lesion is not None:
         lesion_native = to_ants(nib.Nifti1Image((np.asarray(lesion.dataobj) > 0).astype(np.float32), lesion.affine))
@@ -699,3 +724,79 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
         shutil.copyfile(stage["fwdtransforms"][0], final)
     clock.lap("refinement")
     return Registration(final, ants_affine_to_ras(final), corrected, clock.seconds)
+
+
+def extracted_brain(data: np.ndarray, zooms) -> np.ndarray:
+    """The brain of a brain-extracted image: its non-zero voxels (the largest connected region, and any other
+    of at least a tenth of its size, holes filled). Raises ``ValueError`` when that is not brain-sized: empty,
+    under ``EXTRACTED_MIN_ML`` or over ``EXTRACTED_MAX_ML`` (a whole head, or a background that is not 0)."""
+    nonzero = np.isfinite(data) & (data != 0)
+    labels, n = ndimage.label(nonzero)
+    if n == 0:
+        raise ValueError("the brain-extracted T1 has no non-zero voxel")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    brain = np.isin(labels, np.flatnonzero(sizes >= 0.1 * sizes.max()))
+    brain = ndimage.binary_fill_holes(brain)
+    ml = float(brain.sum() * np.prod(np.asarray(zooms, float))) / 1000.0
+    if not EXTRACTED_MIN_ML <= ml <= EXTRACTED_MAX_ML:
+        raise ValueError(f"the non-zero region of a brain-extracted T1 is {ml:.0f} ml, not brain-sized "
+                         f"({EXTRACTED_MIN_ML:g}-{EXTRACTED_MAX_ML:g} ml): is the image really brain-extracted "
+                         "(zero outside the brain)?")
+    return brain
+
+
+def _crop_to_nonzero(img: nib.Nifti1Image, margin_mm: float = EXTRACTED_MARGIN_MM) -> nib.Nifti1Image:
+    """``img`` cropped to the box of its non-zero voxels plus ``margin_mm`` (a brain-extracted image is 0 around
+    the brain: the steps after this touch fewer voxels). Raises ``ValueError`` when every voxel is 0."""
+    data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+    nonzero = np.isfinite(data) & (data != 0)
+    if not nonzero.any():
+        raise ValueError("the brain-extracted T1 has no non-zero voxel")
+    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        pad = int(np.ceil(margin_mm / zooms[axis]))
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + pad + 1, data.shape[axis])))
+    return nib.Nifti1Image(data[tuple(box)], img.slicer[tuple(box)].affine)
+
+
+def register_brain(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, template: str = TEMPLATE_KEY,
+                   brain_passes: int = BRAIN_PASSES, refine: bool = True, workdir: str | None = None
+                   ) -> Registration:
+    """Affine registration of a native *brain-extracted* T1 (zero outside the brain) to the template brain.
+
+    There is no scalp, skull or face to mislead a brain-to-brain registration, so there is no head stage and no
+    image-driven brain mask: the image is cropped to its non-zero voxels (``_crop_to_nonzero``) and the brain
+    is those voxels (``extracted_brain``, on a 2 mm grid). N4 runs inside that mask (4 mm, as in ``register``);
+    the start is the translation that puts the brain's centre of mass on the template brain's; then the same
+    brain rounds (with that mask) and least-squares refinement as ``register`` (module docstring, steps 3 and
+    4). Returns the same ``Registration`` (``corrected`` on the cropped grid)."""
+    ants.config._random_seed = SEED
+    tpl = template_images(template)
+    clock = _Clock()
+    native = to_ants(_crop_to_nonzero(t1))
+    # the brain mask on the 2 mm grid of the brain rounds' masks (nearest neighbour: 0 stays 0)
+    mid = ants.resample_image(native, (MASK_SPACING_MM,) * 3, use_voxels=False, interp_type=1)
+    brain = extracted_brain(mid.numpy(), mid.spacing)
+    tmp = workdir or tempfile.mkdtemp(prefix="atlas-curate-reg-")
+    os.makedirs(tmp, exist_ok=True)
+    given = mid.new_image_like(brain.astype(np.float32))
+    centre = _physical_points(mid, np.argwhere(brain)).mean(axis=0)
+    initial = os.path.join(tmp, "init.mat")
+    shift = centre - tpl_brain_centre(template)
+    write_ants_affine(np.block([[np.eye(3), shift[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]), initial)
+    stage = {"fwdtransforms": [initial], "invtransforms": [initial]}
+    small = robust_scale(ants.resample_image(native, (SYN_SPACING_MM,) * 3, use_voxels=False, interp_type=0))
+    clock.lap("prepare")
+    small_mask = ants.resample_image_to_target(given, small, interp_type="nearestNeighbor")
+    field = ants.n4_bias_field_correction(small, mask=small_mask, shrink_factor=2, return_bias_field=True)
+    values = field.numpy()
+    values[~(values > 1e-3)] = 1.0
+    bias = field.new_image_like(values)
+    small_corrected = robust_scale(small / bias)
+    corrected, lesion_keep = _corrected(native, bias, lesion)
+    clock.lap("bias_field")
+    return _brain_stage(tpl, template, stage, small_corrected, corrected, lesion, lesion_keep, given,
+                        brain_passes=brain_passes, refine=refine, tmp=tmp, clock=clock)

@@ -58,7 +58,7 @@ from .render import (
 
 log = logging.getLogger(__name__)
 
-FLAVOURS = ("native", "standard", "atlas2")
+FLAVOURS = ("native", "standard", "atlas2", "bids")   # bids: see synth/bids.py
 FAULT_KINDS = ("truncated_gzip", "mask_grid", "empty_mask", "folder_without_row", "row_without_folder")
 STROKE_TYPES = ("Ischemic", "Embolic", "Hemorrhagic")
 NOTES = ("", "", "", "Motion artefact in posterior slices", "Chronic infarct with encephalomalacia",
@@ -108,6 +108,8 @@ def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool
     Fault scans (``faults``) are training scans."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}")
+    if flavour == "bids":
+        raise ValueError("the bids flavour is planned by atlas_curate.synth.bids.plan_bids")
     if subjects < 1:
         raise ValueError("need at least one subject")
     plans = []
@@ -252,17 +254,7 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
     dseg = template_dseg(subject)
     io.save_nifti(nib.Nifti1Image(dseg, template.affine),
                   truth_dir / "masks" / f"{plan.key.replace('/', '_')}_space-{template.name}_desc-lesions_dseg.nii.gz")
-    described = describe_lesions(dseg, len(subject.lesions))
-    lesions = []
-    for index, (desc, raw, smooth) in enumerate(zip(described, raws, smooths)):
-        lesions.append({
-            "index": index,
-            "role": "primary" if index == 0 else "secondary",
-            "volume_mm3_native_smooth": round(float(smooth.sum()) * voxel_mm3, 3),
-            "volume_mm3_native_raw": round(float(raw.sum()) * voxel_mm3, 3),
-            "volume_mm3_template": desc.pop("volume_mm3"),
-            **desc,
-        })
+    lesions = truth_lesions(dseg, len(subject.lesions), raws, smooths, voxel_mm3)
     return {
         "scan": plan.key,
         "plan": asdict(plan),
@@ -278,6 +270,29 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
         "fault": plan.fault,
     }
 
+
+def truth_lesions(dseg: np.ndarray, n: int, raws: list[np.ndarray], smooths: list[np.ndarray],
+                  voxel_mm3: float) -> list[dict]:
+    """The truth record of each lesion (release order): template-space description and native volumes."""
+    lesions = []
+    for index, (desc, raw, smooth) in enumerate(zip(describe_lesions(dseg, n), raws, smooths)):
+        lesions.append({
+            "index": index,
+            "role": "primary" if index == 0 else "secondary",
+            "volume_mm3_native_smooth": round(float(smooth.sum()) * voxel_mm3, 3),
+            "volume_mm3_native_raw": round(float(raw.sum()) * voxel_mm3, 3),
+            "volume_mm3_template": desc.pop("volume_mm3"),
+            **desc,
+        })
+    return lesions
+
+def write_lesion_table(records: list[dict], truth_dir: Path) -> Path:
+    """``truth_dir/lesions.tsv``: one row per lesion of every scan record (centroid split into x, y, z)."""
+    rows = [{"scan": r["scan"], **{k: v for k, v in les.items() if k != "centroid_mm"},
+             "centroid_x": les["centroid_mm"][0], "centroid_y": les["centroid_mm"][1],
+             "centroid_z": les["centroid_mm"][2]}
+            for r in records for les in r["lesions"]]
+    return io.write_text(pd.DataFrame(rows).to_csv(sep="\t", index=False), truth_dir / "lesions.tsv")
 
 def _grade(rng: np.random.Generator) -> object:
     return "" if rng.random() < 0.08 else int(rng.choice([0, 1, 2, 3], p=[0.3, 0.35, 0.2, 0.15]))
@@ -425,13 +440,9 @@ def default_truth_dir(out: Path) -> Path:
     return out.parent / f"{out.name}-truth"
 
 
-def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flavour: str = "native",
-               faults: bool = False, truth: os.PathLike | str | None = None, jobs: int = 1,
-               progress: bool = True) -> dict:
-    """Write a synthetic release to ``out`` and its truth to ``truth`` (default ``<out>-truth``).
-
-    Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults).
-    """
+def prepare_folders(out: os.PathLike | str, truth: os.PathLike | str | None) -> tuple[Path, Path]:
+    """The release and truth folders, created: the release folder must be new or empty, and the truth
+    folder must lie outside it."""
     out_dir = Path(out).resolve()
     truth_dir = Path(truth).resolve() if truth else default_truth_dir(out_dir)
     if truth_dir == out_dir or out_dir in truth_dir.parents:
@@ -440,6 +451,28 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
         raise FileExistsError(f"output folder is not empty: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, truth_dir
+
+
+def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flavour: str = "native",
+               faults: bool = False, truth: os.PathLike | str | None = None, jobs: int = 1,
+               progress: bool = True, layout: str = "atlas3", brain_extracted: bool | None = None,
+               masks: str = "anat") -> dict:
+    """Write a synthetic release to ``out`` and its truth to ``truth`` (default ``<out>-truth``).
+
+    Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults) and, for
+    ``flavour="bids"``, of ``layout``, ``brain_extracted`` and ``masks`` (see :mod:`atlas_curate.synth.bids`).
+    """
+    if flavour == "bids":
+        from .bids import synthesize_bids
+
+        if faults:
+            raise ValueError("the bids flavour has no fault scans (--faults works with native, standard, atlas2)")
+        return synthesize_bids(out, subjects=subjects, seed=seed, layout=layout, brain_extracted=brain_extracted,
+                               masks=masks, truth=truth, jobs=jobs, progress=progress)
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}")
+    out_dir, truth_dir = prepare_folders(out, truth)
     plans = plan_release(subjects, seed, flavour, faults)
     outcomes = run_map(partial(render_scan, out=str(out_dir), truth=str(truth_dir)), plans,
                        key=lambda p: p.key, jobs=jobs, desc="synth", progress=progress)
@@ -462,9 +495,5 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
         "scans": {r["scan"]: r for r in records if r.get("fault") != "row_without_folder"},
     }
     io.write_text(json.dumps(truth_doc, indent=1, sort_keys=True), truth_dir / "truth.json")
-    rows = [{"scan": r["scan"], **{k: v for k, v in les.items() if k != "centroid_mm"},
-             "centroid_x": les["centroid_mm"][0], "centroid_y": les["centroid_mm"][1],
-             "centroid_z": les["centroid_mm"][2]}
-            for r in records for les in r["lesions"]]
-    io.write_text(pd.DataFrame(rows).to_csv(sep="\t", index=False), truth_dir / "lesions.tsv")
+    write_lesion_table(records, truth_dir)
     return truth_doc

@@ -159,6 +159,7 @@ class Rendered:
     raw_masks: list[np.ndarray]       # bool per lesion, release order
     smooth_masks: list[np.ndarray]
     face: np.ndarray | None = None    # bool, where the synthetic face is (standard flavour)
+    brain: np.ndarray | None = None   # bool, the subject's brain on this grid (``brain_mask=True``)
 
 
 def smooth_mask(raw: np.ndarray, zooms) -> np.ndarray:
@@ -211,11 +212,13 @@ def _voxel_box(vox_to_world: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape) 
 
 def render(subject: Subject, model: HeadModel, shape, affine: np.ndarray, native_to_template: np.ndarray,
            rng: np.random.Generator, *, slice_thickness_mm: float = 1.0, noise: float = 0.025,
-           bias: bool = True, face_mask: bool = False) -> Rendered:
+           bias: bool = True, face_mask: bool = False, brain_mask: bool = False) -> Rendered:
     """Sample the subject on a grid whose voxels map to template world by ``native_to_template @ affine``.
 
     Smooth fields (deformation, bias) are evaluated on a 4 mm lattice and interpolated; thick slices
-    are averaged over 1 mm sub-slices (partial volume along the slice axis).
+    are averaged over 1 mm sub-slices (partial volume along the slice axis). ``brain_mask`` also samples
+    the head model's brain mask the same way (``Rendered.brain``); it draws no random numbers, so the
+    image is the same with or without it.
     """
     vox_to_tpl = native_to_template @ affine
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -237,12 +240,15 @@ def render(subject: Subject, model: HeadModel, shape, affine: np.ndarray, native
     image = np.zeros(shape, np.float32)
     fractions = [np.zeros(shape, np.float32) for _ in subject.lesions]
     face = np.zeros(shape, np.float32) if face_mask else None
+    brain = np.zeros(shape, np.float32) if brain_mask else None
     for off in offsets:
         kk = k + np.float32(off)
         coords = [m[c, 0] * i + m[c, 1] * j + m[c, 2] * kk + m[c, 3] + disp_full[c] for c in range(3)]
         part = ndimage.map_coordinates(model.t1, coords, order=1, mode="constant", cval=0.0)
         if face is not None:
             face += ndimage.map_coordinates(model.face.astype(np.uint8), coords, order=0, mode="constant")
+        if brain is not None:
+            brain += ndimage.map_coordinates(model.brain, coords, order=1, mode="constant", cval=0.0)
         del coords
         sub_affine = vox_to_tpl.copy()
         sub_affine[:3, 3] += sub_affine[:3, 2] * off
@@ -267,7 +273,8 @@ def render(subject: Subject, model: HeadModel, shape, affine: np.ndarray, native
         image = np.sqrt(real * real + imag * imag)
     raws = [f / n_sub >= 0.5 for f in fractions]
     smooths = [smooth_mask(r, zooms) for r in raws]
-    return Rendered(image, affine, raws, smooths, None if face is None else face / n_sub >= 0.5)
+    return Rendered(image, affine, raws, smooths, None if face is None else face / n_sub >= 0.5,
+                    None if brain is None else brain / n_sub >= 0.5)
 
 
 def template_dseg(subject: Subject) -> np.ndarray:
