@@ -33,6 +33,7 @@ from atlas_curate.index import (
     run_verdict,
     write_index,
 )
+from atlas_curate.tables import as_bool
 
 DERIVATIVE = Path("derivatives") / "atlas-curate"
 
@@ -373,7 +374,7 @@ def test_every_link_and_image_of_a_real_tree_in_a_browser(pipeline, page):
     # verdict lines against the files, read here
     text = text_of(index_html)
     qc = read_tsv(root / DERIVATIVE / "qc.tsv")
-    passed = sum(r["qc_pass"] == "True" and r["status"] != "failed" for r in qc)
+    passed = sum(as_bool(r["qc_pass"]) is True and r["status"] != "failed" for r in qc)
     assert f"{len(qc)} scans: {passed} passed QC" in text
     overlap_doc = json.loads((root / DERIVATIVE / "overlap" / "overlap.json").read_text())
     assert f"overlap of {len(overlap_doc['Included'])} scans" in text
