@@ -11,7 +11,8 @@ the real Colin27 head). Here registration is done in stages:
    holds a long neck or the shoulders would otherwise pull the head down, and the stage starts from the
    centres of the two head tops, not from the centres of mass of whole fields of view. It runs on the
    uncorrected image, meanwhile
-2. bias field: N4 on the 4 mm copy inside a head mask, the smooth field interpolated to full resolution;
+2. bias field: N4 on the 4 mm copy inside a head mask down to ``BIAS_TOP_MM`` below the top of the head (a
+   field fitted over shoulders too is too coarse over the brain), interpolated to full resolution;
 3. brain stage, in rounds: on real heads the head stage is often 4-16 mm and several degrees off
    (scalp, fat and face differ from the shell), so the template's brain mask pulled back through it cuts
    brain on one side and keeps bright scalp on the other. So each round draws the brain from the image
@@ -21,7 +22,10 @@ the real Colin27 head). Here registration is done in stages:
    fixed-image mask (the dilated template brain) and a moving-image mask that excludes the lesion
    (cost-function masking, as sMRIPrep does), from two starts (the current transform, and the same moved
    so that the brain found lands on the template brain's centre of mass); the better correlation is kept.
-   Rounds stop (after the second) once the transform moves less than ``BRAIN_CONVERGED_MM``;
+   Rounds stop (after the second) once the transform moves less than ``BRAIN_CONVERGED_MM``; the round kept
+   is the one whose whole bias-corrected image (not skull-stripped: no round's mask enters the comparison)
+   correlates best with the template brain outside the lesion, since a mask drawn far off can send a
+   round away from the brain;
 4. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
    is defined as the least-squares affine fit of the true correspondence over the template's brain
    voxels, each voxel weighing the same. An intensity-driven affine stage instead weighs voxels by their
@@ -78,6 +82,8 @@ HEAD_ITERATIONS = (100, 50)
 HEAD_SHELL_MM = 14.0
 HEAD_SHELL_VALUE = 0.5
 HEAD_TOP_MM = 150.0          # the head stage sees the head down to this far below its top (skull base: ~120 mm)
+BIAS_TOP_MM = 190.0          # N4 sees the head down to this far below its top (the brain of a head tilted by 20 deg
+                             # reaches ~150 mm): one smooth field fitted over shoulders too is too coarse over the brain
 BRAIN_PASSES = 4             # at most this many brain rounds (image-driven mask, then brain affine from two starts)
 BRAIN_CONVERGED_MM = 1.5     # rounds stop (after the second) once the transform moves less than this
 BRAIN_SPACING_MM = 4.0       # grid of the brain affine stage
@@ -185,8 +191,8 @@ def _physical_points(img: ants.ANTsImage, index: np.ndarray) -> np.ndarray:
     return index @ matrix.T + np.asarray(img.origin)
 
 
-def head_top(img: ants.ANTsImage) -> tuple[ants.ANTsImage, np.ndarray]:
-    """The image with everything more than ``HEAD_TOP_MM`` below the top of the head set to 0 (shoulders,
+def head_top(img: ants.ANTsImage, depth_mm: float = HEAD_TOP_MM) -> tuple[ants.ANTsImage, np.ndarray]:
+    """The image with everything more than ``depth_mm`` below the top of the head set to 0 (shoulders,
     neck, whatever the field of view holds below the skull), and the centre (LPS mm) of the head above that
     level. "Up" is the world's superior axis: heads in scanners are tilted by tens of degrees at most."""
     data = img.numpy()
@@ -196,9 +202,9 @@ def head_top(img: ants.ANTsImage) -> tuple[ants.ANTsImage, np.ndarray]:
         raise RuntimeError("no head found in the image (empty after thresholding)")
     z = _physical_points(img, index)[:, 2]            # LPS z = superior
     top = float(np.percentile(z, 99.9))
-    keep = z >= top - HEAD_TOP_MM
+    keep = z >= top - depth_mm
     all_z = _physical_points(img, np.indices(data.shape).reshape(3, -1).T)[:, 2].reshape(data.shape)
-    data = np.where(all_z < top - HEAD_TOP_MM, 0.0, data).astype(data.dtype)
+    data = np.where(all_z < top - depth_mm, 0.0, data).astype(data.dtype)
     return img.new_image_like(data), _physical_points(img, index[keep]).mean(axis=0)
 
 
@@ -619,7 +625,7 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     head = HeadStage(tpl["head_4mm"], head_only, initial=initial, outprefix=os.path.join(tmp, "head_"))
     clock.lap("prepare")
     try:
-        bias = bias_field(small)
+        bias = bias_field(head_top(small, BIAS_TOP_MM)[0])
         small_corrected = robust_scale(small / bias)
         corrected, lesion_keep = _corrected(native, bias, lesion)
         clock.lap("bias_field")
@@ -682,6 +688,12 @@ def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.AN
     mid = ants.resample_image(corrected, (MASK_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
     image = small_corrected
     points = brain_points_lps(template)[::8]
+    # the rounds' results are compared by the correlation of the whole (not skull-stripped) corrected image
+    # with the template brain, outside the lesion: unlike each round's own score it does not depend on the
+    # round's brain mask. The best round is kept (a mask drawn far off can send a round away from the brain).
+    whole_keep = (None if lesion_keep is None else
+                  ants.resample_image_to_target(lesion_keep, image, interp_type="nearestNeighbor"))
+    best_round = None
     if given is not None:
         own = ants.iMath(ants.resample_image_to_target(given, mid, interp_type="nearestNeighbor"), "MD", 1)
     for n in range(max(brain_passes, 1)):
@@ -704,11 +716,16 @@ def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.AN
             if best is None or score > best[0]:
                 best = (score, candidate)
         stage = best[1]
+        whole = _brain_correlation(tpl, image, whole_keep, stage["fwdtransforms"][0])
+        clock.seconds[f"brain_round{n}_ncc"] = round(whole, 4)
+        if best_round is None or whole > best_round[0]:
+            best_round = (whole, stage)
         new = read_ants_affine(stage["fwdtransforms"][0])
         change = float(np.linalg.norm(points @ (new - current)[:3, :3].T + (new - current)[:3, 3], axis=1).mean())
         clock.seconds[f"brain_round{n}_change_mm"] = round(change, 3)
         if n >= 1 and change < BRAIN_CONVERGED_MM:
             break
+    stage = best_round[1]
     # the refinement's mask: drawn near the final brain transform
     if given is None:
         own = image_brain_mask(mid, pulled_back(mid), lesion_native)
