@@ -291,12 +291,15 @@ def export_nnunet(bids_root, splits, out, dataset_id, name, seed, copy_files, ov
 @click.argument("bids_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--splits", required=True, type=click.Path(exists=True, dir_okay=False), help="Split TSV from `split`.")
 @click.option("--output", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--preset", default="quick", show_default=True, type=click.Choice(["paper", "quick"]),
-              help="paper: Tomita et al. 2020 schedule at 1 mm; quick: CPU-friendly 2 mm schedule.")
+@click.option("--preset", default=None, type=click.Choice(["paper", "quick"]),
+              help="paper: Tomita et al. 2020 schedule at 1 mm; quick: CPU-friendly 2 mm schedule "
+                   "[default: quick; with --resume: the run's].")
 @click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="TOML file overriding preset fields.")
+              help="TOML file overriding preset fields (with --resume: overriding the run's config.toml, e.g. more "
+                   "epochs in a stage or a stage added at the end).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint; with --config, extend "
+                                            "the run (also a finished one).")
 @click.option("--fold", default=None, type=int, help="Train on this fold of a k-fold split.")
 def train_baseline(bids_root, splits, run_dir, preset, config_file, device, resume, fold):
     """Train the 3D residual U-Net baseline (Tomita et al. 2020) on the split's train scans."""
@@ -373,14 +376,20 @@ def evaluate(run_dir, predictions, split_arg, subset, cases, bids_root, output, 
 @click.option("--native", is_flag=True, help="Inputs are native-space heads: normalise, segment, map back.")
 @click.option("--ensemble", is_flag=True, help="Snapshot ensemble.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-def predict(run_dir, t1s, output, native, ensemble, device):
-    """Segment T1w images with a trained run; one mask (and probabilities) per input."""
+@click.option("--no-postprocess", "no_postprocess", is_flag=True,
+              help="Write the thresholded network output as the mask, without the run's post-processing (by "
+                   "default it is applied and the raw mask is written beside it, desc-ResUNetRaw).")
+def predict(run_dir, t1s, output, native, ensemble, device, no_postprocess):
+    """Segment T1w images with a trained run; one mask (post-processed, and the raw one) and the probabilities
+    per input."""
     from .predict import predict as run_predict
 
-    result = run_predict(run_dir, list(t1s), output, native=native, ensemble=ensemble, device=device)
+    result = run_predict(run_dir, list(t1s), output, native=native, ensemble=ensemble, device=device,
+                         postprocess=not no_postprocess)
+    shown = ("input", "status", "mask", "mask_raw", "error")
     for _, row in result.table.iterrows():
-        click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items() if k in ("input", "status", "mask", "error")
-                                    and isinstance(v, str) and v))
+        click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items() if k in shown and isinstance(v, str) and v))
+    click.echo(f"post-processing: {result.postprocessing}")
     click.echo(f"predictions: {result.output}")
     if result.n_failed:
         sys.exit(1)

@@ -6,7 +6,12 @@ the figures are directly comparable):
 * a training run (``evaluate(RUN_DIR)``): for every scan of the split (``test`` by default) the run's final
   model (or, with ``ensemble``, the mean probability of the snapshots of its last stage) segments the
   template-space T1w by sliding-window inference over the whole volume; the probability is taken back to the
-  1 mm template grid and thresholded at the run's ``threshold`` (0.5);
+  1 mm template grid and thresholded at the run's ``threshold`` (0.5), the *raw* mask, which the run's
+  post-processing (``RUN_DIR/postprocess.json``, :mod:`atlas_curate.postprocess`: components outside the
+  brain and below the minimum size chosen on the dev scans removed) turns into the mask scored, as ``predict``
+  delivers it (with ``ensemble`` too: the rule chosen for ``model.pt``). The raw masks are scored too, with
+  the same tables (``raw/``), and both are reported side by side. A run without ``postprocess.json``
+  (trained by an older version) is scored on its raw masks only;
 * a folder of masks from any model (:func:`evaluate_predictions`), e.g. nnU-Net's predictions for the
   ``imagesTs`` of ``export nnunet``. A file belongs to a scan when its name (without ``.nii``/``.nii.gz``)
 
@@ -56,9 +61,19 @@ unless ``output`` is given):
 * ``dsc_vs_volume.png``: DSC against manual lesion volume (log x); scans with an empty mask are listed in
   the title instead (no place on a log axis);
 * a run's ``predictions/``: the naming spec's ``prediction_mask``
-  (``<scan>_space-<template>_label-L_desc-ResUNet_mask.nii.gz``, uint8) and ``prediction_probseg``
+  (``<scan>_space-<template>_label-L_desc-ResUNet_mask.nii.gz``, uint8, post-processed), ``prediction_mask_raw``
+  (``..._desc-ResUNetRaw_mask.nii.gz``, the thresholded probabilities) and ``prediction_probseg``
   (``..._probseg.nii.gz``, float32 probabilities); for a folder of predictions,
-  ``prediction_files.tsv``: every NIfTI file found, the scan it was taken for, or why it was not used.
+  ``prediction_files.tsv``: every NIfTI file found, the scan it was taken for, or why it was not used;
+* for a run with post-processing: ``raw/`` with ``scans.tsv``, ``summary.tsv``/``summary.json``, the group
+  tables and the figure of the raw masks (file columns relative to ``raw/``); ``postprocess.tsv``, one row per
+  scan with the components found and removed (small, outside the brain), the voxels removed and the main
+  metrics without (``_raw``) and with post-processing; ``summary.json`` then holds ``postprocessing`` (the rule,
+  where it was chosen, why) and ``raw`` (the raw masks' micro DSC, metric summaries and challenge comparison).
+
+In a folder of predictions, a mask whose ``desc-`` label ends in ``Raw`` (``desc-ResUNetRaw``, the raw mask
+``predict`` and ``evaluate`` write beside the post-processed one, or ``desc-T1lesionRaw``) is used only for a
+scan that has no other mask.
 """
 
 from __future__ import annotations
@@ -77,6 +92,8 @@ from .naming import SPACE, ScanRef
 from .tables import read_json, read_tsv, write_json, write_tsv
 
 PREDICTION_OUTPUTS = {"mask": "prediction_mask", "probseg": "prediction_probseg"}   # kind -> naming-spec key
+RAW_OUTPUT = "prediction_mask_raw"     # the raw mask beside a post-processed one (kind ``mask_raw``)
+POSTPROCESS_METRICS = ("dsc", "lesion_f1", "lesion_count_diff", "abs_volume_diff_voxels", "volume_pred_mm3", "hd95")
 FLOAT_FORMAT = "%.6g"
 SUMMARY_METRICS = ("dsc", "hd", "hd95", "hd95_pooled", "assd", "tpr", "precision", "volume_pred_mm3",
                    "volume_truth_mm3", "abs_volume_diff_mm3", "abs_volume_diff_voxels", "lesion_f1",
@@ -103,6 +120,8 @@ class EvalResult:
     connectivity: int = 6
     groups: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    raw: "EvalResult | None" = None        # the raw masks' scores, when the masks were post-processed
+    postprocessing: dict | None = None     # summary.json's ``postprocessing``
 
     def text(self) -> str:
         """The summary for the terminal: metrics with CIs, DSC and lesion F1 per cohort and per size quartile,
@@ -111,6 +130,9 @@ class EvalResult:
 
         lines = [f"{len(self.scans)} scans evaluated -> {self.output}",
                  f"lesion-wise figures: {LESION_CONVENTIONS[self.connectivity]}"]
+        if self.postprocessing is not None:
+            lines.append(f"post-processing: {self.postprocessing['description']} ({self.postprocessing['reason']}); "
+                         f"the raw masks are scored in {self.raw.output if self.raw else 'raw/'}")
         for metric in PRINTED_METRICS:
             row = self.summary[self.summary["metric"] == metric]
             if len(row):
@@ -118,6 +140,14 @@ class EvalResult:
                 lines.append(f"  {metric:<22} mean {r['mean']:.3f} [{r['mean_ci_low']:.3f}, {r['mean_ci_high']:.3f}]"
                              f"  median {r['median']:.3f}  (n={int(r['n'])})")
         lines.append(f"  {'micro DSC':<22} {self.micro_dsc:.3f}")
+        if self.raw is not None:
+            lines.append("with and without post-processing (means):")
+            ours = self.summary.set_index("metric")["mean"]
+            raw = self.raw.summary.set_index("metric")["mean"]
+            for metric in PRINTED_METRICS:
+                if metric in ours.index:
+                    lines.append(f"  {metric:<22} post-processed {ours[metric]:.3f}  raw {raw.get(metric, np.nan):.3f}")
+            lines.append(f"  {'micro DSC':<22} post-processed {self.micro_dsc:.3f}  raw {self.raw.micro_dsc:.3f}")
         for key, title in (("cohort", "by cohort"), ("size_quartile", "by lesion-size quartile (manual volume)")):
             table = self.groups.get(key)
             if table is None or table.empty:
@@ -144,28 +174,37 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def prediction_names(scan: str) -> dict[str, str]:
+def prediction_names(scan: str, *, raw: bool = False) -> dict[str, str]:
     """File names of a scan's predicted mask and probability map (naming spec ``prediction_mask`` and
-    ``prediction_probseg`` in the template space); ``scan`` is ``sub-X[_ses-Y]`` (another name is used as the
-    name's start)."""
+    ``prediction_probseg`` in the template space; with ``raw``, also ``mask_raw``: ``prediction_mask_raw``);
+    ``scan`` is ``sub-X[_ses-Y]`` (another name is used as the name's start)."""
     try:
         ref, start = ScanRef.parse(scan), None
     except ValueError:
         ref, start = ScanRef("scan"), scan
-    names = {kind: ref.path(output, space=SPACE).name for kind, output in PREDICTION_OUTPUTS.items()}
+    outputs = {**PREDICTION_OUTPUTS, "mask_raw": RAW_OUTPUT} if raw else PREDICTION_OUTPUTS
+    names = {kind: ref.path(output, space=SPACE).name for kind, output in outputs.items()}
     return names if start is None else {kind: start + name[len(ref.key):] for kind, name in names.items()}
 
 
-def save_prediction(prob: np.ndarray, threshold: float, paths: dict[str, Path]) -> np.ndarray:
-    """Write the mask (``prob >= threshold``) and the probabilities on the template grid, in the naming spec's
-    dtypes (uint8, float32); returns the mask."""
+def save_prediction(prob: np.ndarray, threshold: float, paths: dict[str, Path], postprocessing=None
+                    ) -> tuple[np.ndarray, dict | None]:
+    """Write the mask (``prob >= threshold``, post-processed with ``postprocessing`` when given, the raw mask
+    then to ``paths["mask_raw"]``) and the probabilities on the template grid, in the naming spec's dtypes
+    (uint8, float32); returns the mask and the post-processing report (None without post-processing)."""
+    from .postprocess import postprocess
     from .templates import template_grid
 
     mask = prob >= threshold
-    for kind, data in (("mask", mask), ("probseg", prob)):
-        dtype = naming.output_spec(PREDICTION_OUTPUTS[kind])["dtype"]
-        io.save_nifti(template_grid().image(data, dtype), paths[kind])
-    return mask
+    outputs = {"mask": (mask, PREDICTION_OUTPUTS["mask"]), "probseg": (prob, PREDICTION_OUTPUTS["probseg"])}
+    report = None
+    if postprocessing is not None:
+        cleaned, report = postprocess(mask, postprocessing)
+        outputs.update(mask=(cleaned, PREDICTION_OUTPUTS["mask"]), mask_raw=(mask, RAW_OUTPUT))
+        mask = cleaned
+    for kind, (data, output) in outputs.items():
+        io.save_nifti(template_grid().image(data, naming.output_spec(output)["dtype"]), paths[kind])
+    return mask, report
 
 
 @dataclass(frozen=True)
@@ -387,6 +426,7 @@ def evaluate(run_dir: os.PathLike | str, *, split: str = "test", ensemble: bool 
     Dask cluster at ``scheduler``."""
     from tqdm.auto import tqdm
 
+    from .postprocess import POSTPROCESS_FILE, load_choice
     from .templates import template_grid
     from .train.data import read_split
     from .train.infer import RUN_FILE, load_segmenter
@@ -400,30 +440,67 @@ def evaluate(run_dir: os.PathLike | str, *, split: str = "test", ensemble: bool 
     table = read_split(run["splits"], bids_root)
     rows = _chosen_rows(table, split, run.get("fold"), run["splits"])
     segmenter = load_segmenter(run_dir, ensemble=ensemble, device=device)
+    choice = load_choice(run_dir)
+    rule = choice[0] if choice is not None else None
     out = run_dir / f"eval-{split}{'-ensemble' if ensemble else ''}"
     grid = template_grid()
     rows = _with_metadata(rows, bids_root)
 
-    predictions, records = [], []
+    predictions, records, raw_predictions, raw_records, reports = [], [], [], [], []
     for row in tqdm(rows.to_dict("records"), desc="predict", disable=not progress):
         t1_img = io.load_nifti(row["t1"])
         grid.check(t1_img, row["t1"])
         prob = segmenter.probability(np.asarray(t1_img.dataobj, dtype=np.float32))
-        names = prediction_names(row["scan"])
+        names = prediction_names(row["scan"], raw=rule is not None)
         paths = {k: out / "predictions" / v for k, v in names.items()}
-        save_prediction(prob, segmenter.config.threshold, paths)
+        _, report = save_prediction(prob, segmenter.config.threshold, paths, rule)
+        meta = {k: row.get(k) for k in ("scan", *META_COLUMNS) if k in row}
         predictions.append(str(paths["mask"]))
-        records.append({**{k: row.get(k) for k in ("scan", *META_COLUMNS) if k in row},
-                        "mask_file": paths["mask"].relative_to(out).as_posix(),
+        records.append({**meta, "mask_file": paths["mask"].relative_to(out).as_posix(),
                         "probseg_file": paths["probseg"].relative_to(out).as_posix()})
+        if rule is not None:
+            raw_predictions.append(str(paths["mask_raw"]))
+            raw_records.append({**meta, "mask_file": f"../{paths['mask_raw'].relative_to(out).as_posix()}",
+                                "probseg_file": f"../{paths['probseg'].relative_to(out).as_posix()}"})
+            reports.append({"scan": row["scan"], **report})
     doc = {"run": str(run_dir), "split": split, "ensemble": ensemble, "models": segmenter.sources,
            "split_file": str(run["splits"])}
     title = f"{split}{' (snapshot ensemble)' if ensemble else ''}"
-    result = _score(rows, predictions, records, out, file_columns=["mask_file", "probseg_file"], doc=doc,
-                    title=title, jobs=jobs, progress=progress, n_resamples=n_resamples, seed=seed,
-                    connectivity=connectivity, executor=executor, scheduler=scheduler)
+    options = {"file_columns": ["mask_file", "probseg_file"], "jobs": jobs, "progress": progress,
+               "n_resamples": n_resamples, "seed": seed, "connectivity": connectivity, "executor": executor,
+               "scheduler": scheduler}
+    raw, applied = None, None
+    notes = []
+    if rule is None:
+        notes.append(f"no post-processing: the run has no {POSTPROCESS_FILE} (trained before post-processing was "
+                     "chosen); the masks are the thresholded network output")
+    else:
+        record = choice[1]
+        applied = {**rule.to_dict(), "description": rule.describe(), "reason": record.get("reason"),
+                   "chosen_on": record.get("chosen_on"), "source": str(run_dir / POSTPROCESS_FILE)}
+        raw = _score(rows, raw_predictions, raw_records, out / "raw", doc={**doc, "postprocessed": False},
+                     title=f"{title}, raw masks (no post-processing)", **options)
+        raw_doc = read_json(raw.tables["summary_json"])
+        doc.update(postprocessing=applied,
+                   raw={"output": "raw", **{key: raw_doc[key] for key in ("micro_dsc", "metrics", "challenge")}})
+    doc["postprocessed"] = rule is not None
+    result = _score(rows, predictions, records, out, doc=doc, title=title, notes=notes, **options)
+    result.raw, result.postprocessing = raw, applied
+    if raw is not None:
+        result.tables["postprocess"] = _save_table(_comparison(reports, result.scans, raw.scans),
+                                                   out / "postprocess.tsv", connectivity)
     refresh_index(bids_root, "run", run_dir)   # the page lists the run's eval-* folders
     return result
+
+
+def _comparison(reports: list[dict], scans: pd.DataFrame, raw: pd.DataFrame) -> pd.DataFrame:
+    """``postprocess.tsv``: per scan the components found and removed, and the main metrics raw and post-processed."""
+    table = pd.DataFrame(reports)
+    ours, theirs = scans.set_index("scan"), raw.set_index("scan")
+    for metric in POSTPROCESS_METRICS:
+        table[f"{metric}_raw"] = table["scan"].map(theirs[metric]).to_numpy()
+        table[metric] = table["scan"].map(ours[metric]).to_numpy()
+    return table
 
 
 # --------------------------------------------------------------------------------------------- any model's masks
@@ -501,6 +578,12 @@ def _scan_file(stem: str, ref: ScanRef | None) -> tuple[str, list[str], str] | N
     return (ref.key, parts, suffix) if all(parts) and naming.BIDS_LABEL.match(suffix) else None
 
 
+def _is_raw_mask(name: str) -> bool:
+    """A BIDS mask name whose ``desc-`` label ends in ``Raw`` (``desc-ResUNetRaw``, ``desc-T1lesionRaw``)."""
+    parsed = naming.parse_bids_name(name)
+    return parsed is not None and parsed[1] == "mask" and parsed[0].get("desc", "").endswith("Raw")
+
+
 def match_predictions(folder: os.PathLike | str, scans: list[str], cases: dict[str, str] | None = None, *,
                       exclude: Path | None = None) -> tuple[dict[str, Path], pd.DataFrame, list[tuple[str, str]]]:
     """Assign the NIfTI files under ``folder`` to ``scans`` (see the module docstring for the naming rules).
@@ -545,6 +628,15 @@ def match_predictions(folder: os.PathLike | str, scans: list[str], cases: dict[s
             found.setdefault(scan_used, []).append(path)
         report.append({"file": path.relative_to(folder).as_posix(), "case": case, "scan": scan,
                        "used": scan_used is not None, "reason": reason})
+    rows = {row["file"]: row for row in report}
+    for scan, paths in found.items():    # a raw mask beside the scan's other (post-processed) mask is not used
+        raw = [path for path in paths if _is_raw_mask(path.name)]
+        if raw and len(raw) < len(paths):
+            found[scan] = [path for path in paths if path not in raw]
+            for path in raw:
+                rows[path.relative_to(folder).as_posix()].update(
+                    used=False, reason="a raw mask (desc-...Raw) beside another mask of the scan, the post-processed "
+                                       "one, which is used")
     problems: list[tuple[str, str]] = []
     for scan in scans:
         paths = found.get(scan, [])

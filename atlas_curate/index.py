@@ -53,9 +53,11 @@ OVERLAP_FILES = (("overlap.json", "overlap.json: which scans went in, and why ot
                  ("overlap_prob.nii.gz", "overlap_prob.nii.gz: fraction of scans"),
                  ("overlap_count.nii.gz", "overlap_count.nii.gz: number of scans"))
 RUN_FILES = (("config.toml", "config.toml"), ("run.json", "run.json"), ("log.tsv", "log.tsv"),
-             ("curve.png", "curve.png"), ("model.pt", "model.pt"))
+             ("curve.png", "curve.png"), ("model.pt", "model.pt"),
+             ("postprocess.json", "postprocess.json: the post-processing chosen on the dev scans"))
 EVAL_FILES = ("summary.tsv", "summary.json", "scans.tsv", "by_cohort.tsv", "by_size_quartile.tsv",
-              "by_vascular_territory.tsv", "by_primary_lesion_location.tsv", "prediction_files.tsv")
+              "by_vascular_territory.tsv", "by_primary_lesion_location.tsv", "prediction_files.tsv",
+              "postprocess.tsv", "raw/summary.tsv", "raw/scans.tsv")
 COMMANDS = {
     "convert": "atlas-curate bids-convert RELEASE BIDS_ROOT",
     "normalize": "atlas-curate normalize BIDS_ROOT",
@@ -361,6 +363,9 @@ def evaluation_verdict(summary_json: os.PathLike | str) -> tuple[str, str]:
     text = (f"{which} DSC mean {_number(dsc.get('mean'))} [{_number(dsc.get('mean_ci_low'))}, "
             f"{_number(dsc.get('mean_ci_high'))}] over {_plural(int(doc.get('n_scans', 0)), 'scan')}; "
             f"micro DSC {_number(doc.get('micro_dsc'))}")
+    raw = ((doc.get("raw") or {}).get("metrics") or {}).get("dsc") or {}
+    if raw:
+        text += f" (post-processed; raw masks: DSC mean {_number(raw.get('mean'))})"
     return text, "ok"
 
 

@@ -16,19 +16,29 @@ peak; no manual lesion exists here, and the peak is the mode of the brighter hal
 lesion hardly moves.) Defacing is not needed: the network sees only the brain's bounding box.
 
 The run's model (or snapshot ensemble) gives lesion probabilities on the template grid, thresholded at the
-run's ``threshold`` (0.5). For native inputs both are taken back to the input's own grid with the inverse
-of the affine (the ANTs ``.mat`` maps template points to native points, so resampling template → native
-applies it inverted): nearest neighbour for the mask, linear for the probabilities. Outputs keep the
-input's affine.
+run's ``threshold`` (0.5): the *raw* mask. The run's post-processing (``RUN_DIR/postprocess.json``, chosen on
+its dev scans when training completed; :mod:`atlas_curate.postprocess`) is then applied on the template grid:
+6-connected components outside the (dilated) template brain and those smaller than the chosen minimum size are
+removed (with ``--ensemble`` too: the rule was chosen for ``model.pt``). That is the mask written as
+``prediction_mask``; the raw mask is written beside it as ``prediction_mask_raw``. With ``postprocess=False``
+(``--no-postprocess``), or for a run without ``postprocess.json`` (trained by an older version),
+``prediction_mask`` is the raw mask and no ``prediction_mask_raw`` is written; the table and the sidecars say
+which. For native inputs the masks and the probabilities are taken back to the input's own grid with the
+inverse of the affine (the ANTs ``.mat`` maps template points to native points, so resampling template →
+native applies it inverted): nearest neighbour for the masks, linear for the probabilities. Outputs
+keep the input's affine.
 
 Names: an input named like BIDS (``sub-X[_ses-Y][_...]_T1w.nii[.gz]``) inside a BIDS dataset (a
 ``dataset_description.json`` in a parent folder) gives BIDS-derivative outputs named by the naming spec
-(``prediction_mask``, ``prediction_probseg``):
-``OUTPUT/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-<S>_label-L_desc-ResUNet_mask.nii.gz`` and
-``..._probseg.nii.gz`` with JSON sidecars (``S`` is ``orig`` for native inputs, as bids-convert names native
-masks, else the template space) and a ``dataset_description.json``; any other input gives
-``OUTPUT/<input name without .nii[.gz]>_label-L_desc-ResUNet_mask.nii.gz`` (and ``_probseg``). A table
-``predictions.tsv`` lists every input with its outputs, the lesion volume (mm³) and, on failure, the reason.
+(``prediction_mask``, ``prediction_mask_raw``, ``prediction_probseg``):
+``OUTPUT/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-<S>_label-L_desc-ResUNet_mask.nii.gz``,
+``..._desc-ResUNetRaw_mask.nii.gz`` and ``..._desc-ResUNet_probseg.nii.gz`` with JSON sidecars (``S`` is
+``orig`` for native inputs, as bids-convert names native masks, else the template space) and a
+``dataset_description.json``; any other input gives
+``OUTPUT/<input name without .nii[.gz]>_label-L_desc-ResUNet_mask.nii.gz`` (and ``_desc-ResUNetRaw_mask``,
+``_desc-ResUNet_probseg``). A table ``predictions.tsv`` lists every input with its outputs (``mask``,
+``mask_raw``, ``probseg``), the lesion volume (mm³) of the mask and of the raw mask, the components the
+post-processing removed, the post-processing applied (``postprocessing``) and, on failure, the reason.
 """
 
 from __future__ import annotations
@@ -47,14 +57,17 @@ from . import io, naming, tables
 from .index import refresh_index, run_bids_root
 
 SPACE = naming.SPACE
-OUTPUTS = {"mask": "prediction_mask", "probseg": "prediction_probseg"}   # table column -> naming-spec key
-COLUMNS = ["input", "status", "space", "mask", "probseg", "lesion_volume_mm3", "wm_peak", "seconds", "error"]
+OUTPUTS = {"mask": "prediction_mask", "mask_raw": "prediction_mask_raw",
+           "probseg": "prediction_probseg"}   # table column -> naming-spec key
+COLUMNS = ["input", "status", "space", "mask", "mask_raw", "probseg", "lesion_volume_mm3", "lesion_volume_raw_mm3",
+           "components_removed", "postprocessing", "wm_peak", "seconds", "error"]
 
 
 @dataclass
 class PredictResult:
     output: Path
     table: pd.DataFrame
+    postprocessing: str = "none"         # what was applied (the rule, or none and why)
 
     @property
     def n_failed(self) -> int:
@@ -84,7 +97,7 @@ def _loose_name(stem: str, output: str) -> Path:
 
 
 def output_names(t1: os.PathLike | str, *, native: bool) -> dict[str, Path]:
-    """Relative output paths (``mask``, ``probseg``) for one input; see the module docstring."""
+    """Relative output paths (``mask``, ``mask_raw``, ``probseg``) for one input; see the module docstring."""
     t1 = Path(t1)
     scan = _bids_scan(t1)
     if scan is not None:
@@ -102,17 +115,30 @@ def standardise(image: np.ndarray) -> tuple[np.ndarray, float]:
     return scale(image, template_grid().brain)
 
 
-def _on_template(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, float]:
+def _masks(prob: np.ndarray, segmenter, rule) -> tuple[dict[str, np.ndarray | None], dict | None]:
+    """The mask (post-processed with ``rule`` when there is one), the raw mask (None without ``rule``) and the
+    probabilities, on the template grid; and the post-processing report."""
+    from .postprocess import postprocess
+
+    raw = prob >= segmenter.config.threshold
+    if rule is None:
+        return {"mask": raw, "mask_raw": None, "probseg": prob}, None
+    cleaned, report = postprocess(raw, rule)
+    return {"mask": cleaned, "mask_raw": raw, "probseg": prob}, report
+
+
+def _on_template(t1_img, path: Path, segmenter, rule) -> tuple[dict, dict | None, float]:
     from .templates import template_grid
 
     template_grid().check(t1_img, path, hint="; use --native for a T1w in scanner space")
     standard, peak = standardise(np.asarray(t1_img.dataobj, dtype=np.float32))
-    prob = segmenter.probability(standard)
-    return prob >= segmenter.config.threshold, prob, peak
+    arrays, report = _masks(segmenter.probability(standard), segmenter, rule)
+    return arrays, report, peak
 
 
-def _native(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, float]:
-    """Register, resample and standardise as ``normalize`` does, segment, and map back to the input grid."""
+def _native(t1_img, path: Path, segmenter, rule) -> tuple[dict, dict | None, float]:
+    """Register, resample and standardise as ``normalize`` does, segment and post-process on the template grid,
+    and map back to the input grid."""
     import ants
 
     from .normalize.pipeline import to_template
@@ -124,8 +150,7 @@ def _native(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, floa
         except RuntimeError as exc:
             raise io.InputError(path, f"registration to {SPACE} failed: {exc}") from exc
         standard, _, peak = to_template(reg.corrected, reg.transform_file)
-        prob = segmenter.probability(standard)
-        mask = (prob >= segmenter.config.threshold).astype(np.float32)
+        arrays, report = _masks(segmenter.probability(standard), segmenter, rule)
         fixed, native = template_images()["t1"], to_ants(t1_img)
 
         def back(data: np.ndarray, interpolator: str) -> np.ndarray:
@@ -133,25 +158,48 @@ def _native(t1_img, path: Path, segmenter) -> tuple[np.ndarray, np.ndarray, floa
             return ants.apply_transforms(native, moving, [reg.transform_file], whichtoinvert=[True],
                                          interpolator=interpolator).numpy()
 
-        return back(mask, "nearestNeighbor") > 0.5, np.clip(back(prob, "linear"), 0.0, 1.0), peak
+        mapped = {column: None if data is None else back(data.astype(np.float32), "nearestNeighbor") > 0.5
+                  for column, data in arrays.items() if column != "probseg"}
+        mapped["probseg"] = np.clip(back(arrays["probseg"], "linear"), 0.0, 1.0)
+        return mapped, report, peak
 
 
-def _sidecar_fields(column: str, source: Path, run_dir: Path, segmenter, space: str) -> dict:
+def _sidecar_fields(column: str, source: Path, run_dir: Path, segmenter, space: str, rule) -> dict:
     root = _bids_root(source)
     src = f"bids:raw:{source.resolve().relative_to(root).as_posix()}" if root else str(source.resolve())
-    return {"Sources": [src], "Type": "Lesion",
-            "Description": ("binary lesion mask (probability >= %g)" % segmenter.config.threshold
-                            if column == "mask" else "lesion probability"),
-            "Model": {"Name": "3D ResU-Net (Tomita et al. 2020)", "Run": str(run_dir),
-                      "Weights": [Path(s).name for s in segmenter.sources]},
-            "SpatialReference": space}
+    mask = "binary lesion mask (probability >= %g)" % segmenter.config.threshold
+    description = {"mask": mask if rule is None else f"{mask}, post-processed: {rule.describe()}",
+                   "mask_raw": f"{mask}, before post-processing",
+                   "probseg": "lesion probability"}[column]
+    fields = {"Sources": [src], "Type": "Lesion", "Description": description,
+              "Model": {"Name": "3D ResU-Net (Tomita et al. 2020)", "Run": str(run_dir),
+                        "Weights": [Path(s).name for s in segmenter.sources]},
+              "SpatialReference": space}
+    if column == "mask" and rule is not None:
+        from .postprocess import POSTPROCESS_FILE
+
+        fields["PostProcessing"] = {**rule.to_dict(), "Source": str(run_dir / POSTPROCESS_FILE)}
+    return fields
+
+
+def _rule(run_dir: Path, postprocess: bool):
+    """The run's post-processing rule (or None) and what the table says about it."""
+    from .postprocess import POSTPROCESS_FILE, load_choice
+
+    if not postprocess:
+        return None, "none (--no-postprocess)"
+    choice = load_choice(run_dir)
+    if choice is None:
+        return None, f"none (the run has no {POSTPROCESS_FILE}: trained before post-processing was chosen)"
+    return choice[0], choice[0].describe()
 
 
 def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output: os.PathLike | str, *,
-            native: bool = False, ensemble: bool = False, device: str = "auto", progress: bool = True
-            ) -> PredictResult:
+            native: bool = False, ensemble: bool = False, device: str = "auto", progress: bool = True,
+            postprocess: bool = True) -> PredictResult:
     """Segment each T1w of ``t1s`` with the run's model; see the module docstring.
 
+    ``postprocess`` applies the run's post-processing (``postprocess.json``) and also writes the raw mask.
     A bad input (unreadable, not on the template grid without ``native``, failed registration) is reported
     in the table (``status = failed``, ``error``) and the others go on.
     """
@@ -174,24 +222,31 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
             if (output / path).resolve() == t1.resolve():
                 raise ValueError(f"{t1}: the output would overwrite the input")
     segmenter = load_segmenter(run_dir, ensemble=ensemble, device=device)
+    rule, applied = _rule(run_dir, postprocess)
     space = naming.NATIVE_SPACE if native else SPACE
     rows = []
     any_bids = False
     for t1, name in tqdm(list(zip(inputs, names)), desc="predict", disable=not progress):
         start = time.perf_counter()
-        row = {"input": str(t1), "space": space}
+        row = {"input": str(t1), "space": space, "postprocessing": applied}
         try:
             img = io.load_nifti(t1)
-            mask, prob, peak = (_native if native else _on_template)(img, t1, segmenter)
-            for column, data in (("mask", mask), ("probseg", prob)):
+            arrays, report, peak = (_native if native else _on_template)(img, t1, segmenter, rule)
+            for column, data in arrays.items():
+                if data is None:
+                    continue
                 path = output / name[column]
                 io.save_array(data, img.affine, path, naming.output_spec(OUTPUTS[column])["dtype"])
-                fields = _sidecar_fields(column, t1, run_dir, segmenter, space)
+                fields = _sidecar_fields(column, t1, run_dir, segmenter, space, rule)
                 tables.write_json(naming.output_sidecar(OUTPUTS[column], space=space, **fields), naming.sidecar(path))
+                row[column] = name[column].as_posix()
             any_bids = any_bids or len(name["mask"].parts) > 1
-            row.update({"status": "ok", "mask": name["mask"].as_posix(), "probseg": name["probseg"].as_posix(),
-                        "lesion_volume_mm3": float(np.count_nonzero(mask)) * io.voxel_volume(img),
-                        "wm_peak": peak, "error": ""})
+            raw = arrays["mask"] if arrays["mask_raw"] is None else arrays["mask_raw"]
+            row.update({"status": "ok", "wm_peak": peak, "error": "",
+                        "lesion_volume_mm3": float(np.count_nonzero(arrays["mask"])) * io.voxel_volume(img),
+                        "lesion_volume_raw_mm3": float(np.count_nonzero(raw)) * io.voxel_volume(img),
+                        "components_removed": None if report is None else
+                        report["removed_small"] + report["removed_outside_brain"]})
         except io.InputError as exc:
             row.update({"status": "failed", "error": str(exc)})
         except ValueError as exc:   # e.g. no brain intensities to standardise
@@ -205,4 +260,4 @@ def predict(run_dir: os.PathLike | str, t1s: Sequence[os.PathLike | str], output
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     tables.write_tsv(table, output / "predictions.tsv", float_format="%.6g")
     refresh_index(run_bids_root(run_dir), "predictions", output)   # the page of the run's dataset
-    return PredictResult(output, table)
+    return PredictResult(output, table, applied)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from scipy import ndimage
 
 from atlas_curate import io, metrics
 from atlas_curate.cli import main
@@ -28,7 +29,8 @@ from atlas_curate.evaluate import (
     size_quartiles,
 )
 from atlas_curate.naming import SPACE
-from atlas_curate.templates import get_template
+from atlas_curate.postprocess import PostProcessing, load_choice, postprocess, save_choice
+from atlas_curate.templates import get_template, template_arrays
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +140,20 @@ def test_evaluate_writes_every_output(run, evaluated):
     text = evaluated.text()
     assert "by cohort" in text and "by lesion-size quartile" in text and "winner" in text
     assert (out / "dsc_vs_volume.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # predictions: on the template grid, mask = probability >= 0.5, metrics recomputed from the files agree
+    # predictions: on the template grid, raw mask = probability >= 0.5, mask = the raw mask post-processed with
+    # the run's rule, metrics recomputed from the files agree
     tpl = nib.load(get_template().t1w)
+    raw_files = pd.read_csv(out / "raw" / "scans.tsv", sep="\t").set_index("scan")["mask_file"]
+    rule = load_choice(run_dir)[0]
     for row in scans.itertuples():
         mask_img = nib.load(out / row.mask_file)
         prob = np.asarray(nib.load(out / row.probseg_file).dataobj)
         assert io.grid_difference(tpl, mask_img) is None
         mask = np.asarray(mask_img.dataobj)
+        raw = np.asarray(nib.load(out / "raw" / raw_files[row.scan]).dataobj) > 0
         assert set(np.unique(mask)) <= {0, 1} and 0 <= prob.min() and prob.max() <= 1
-        assert np.array_equal(mask > 0, prob >= 0.5)
+        assert np.array_equal(raw, prob >= 0.5)
+        assert np.array_equal(mask > 0, postprocess(raw, rule)[0])
         truth = np.asarray(nib.load(table.set_index("scan").loc[row.scan, "mask"]).dataobj) > 0
         again = metrics.scan_metrics(mask, truth, (1.0, 1.0, 1.0))
         assert again["dsc"] == pytest.approx(row.dsc) and again["tp_voxels"] == row.tp_voxels
@@ -167,6 +174,68 @@ def test_perfect_segmentation_scores_one(run, monkeypatch):
     assert result.output.name == "eval-dev"
     assert (result.scans["dsc"] == 1.0).all() and (result.scans["hd95"] == 0.0).all()
     assert result.micro_dsc == 1.0
+
+
+def test_evaluate_reports_scores_with_and_without_postprocessing(run, tmp_path, monkeypatch):
+    """The network replaced by the truth plus a 3-voxel speck in the brain and a block in the air, the run's rule
+    set to < 20 mm³: post-processed masks score DSC 1, the raw ones less; both are reported (tables, summary.json,
+    the printed summary, postprocess.tsv), and the predictions folder scored as a folder takes the post-processed
+    masks, not the raw ones beside them."""
+    from atlas_curate.train.infer import Segmenter
+
+    source, table = run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("config.toml", "run.json", "model.pt", "postprocess.json"):
+        shutil.copy(source / name, run_dir / name)
+    record = json.loads((run_dir / "postprocess.json").read_text())
+    save_choice({**record, "postprocessing": PostProcessing(min_size_mm3=20).to_dict(), "reason": "set here"}, run_dir)
+    extra = np.zeros(tuple(get_template().shape), bool)
+    extra[98, 150, 100:103] = True                       # a speck in the brain
+    extra[2:7, 2:7, 2:6] = True                          # a block in the air
+    assert template_arrays()["T1w"][98, 150, 100:103].min() > 0
+    truths = {}
+    for row in table.itertuples():
+        t1 = np.asarray(nib.load(row.t1).dataobj, dtype=np.float32)
+        truth = np.asarray(nib.load(row.mask).dataobj) > 0
+        assert not (ndimage.binary_dilation(truth) & extra).any()
+        truths[float(t1.sum())] = (truth | extra).astype(np.float32)
+    monkeypatch.setattr(Segmenter, "probability", lambda self, t1: truths[float(np.asarray(t1).sum())])
+    result = evaluate(run_dir, device="cpu", progress=False, n_resamples=50)
+    out = result.output
+    assert (result.scans["dsc"] == 1.0).all() and (result.scans["lesion_count_diff"] == 0).all()
+    raw = pd.read_csv(out / "raw" / "scans.tsv", sep="\t")
+    assert (raw["dsc"] < 1.0).all() and (raw["lesion_count_diff"] == 2).all()
+    assert raw["dsc"].tolist() == pytest.approx(result.raw.scans["dsc"].tolist())
+    for name in ("summary.tsv", "summary.json", "by_size_quartile.tsv", "by_cohort.tsv", "dsc_vs_volume.png"):
+        assert (out / "raw" / name).is_file(), name
+    assert all((out / "raw" / f).is_file() for f in raw["mask_file"])           # ../predictions/...Raw_mask
+    assert all("desc-ResUNetRaw_mask" in f for f in raw["mask_file"])
+    compare = pd.read_csv(out / "postprocess.tsv", sep="\t")
+    assert compare["scan"].tolist() == result.scans["scan"].tolist()
+    assert (compare["removed_small"] == 1).all() and (compare["removed_outside_brain"] == 1).all()
+    assert (compare["voxels_removed"] == 103).all() and (compare["dsc"] == 1.0).all()
+    assert compare["dsc_raw"].tolist() == pytest.approx(raw["dsc"].tolist(), abs=1e-6)
+    assert compare["lesion_count_diff_raw"].tolist() == [2, 2] and set(compare["lesion_connectivity"]) == {6}
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["postprocessed"] is True and doc["postprocessing"]["min_size_mm3"] == 20
+    assert doc["postprocessing"]["reason"] == "set here" and doc["metrics"]["dsc"]["mean"] == 1.0
+    raw_doc = json.loads((out / "raw" / "summary.json").read_text())
+    assert raw_doc["postprocessed"] is False
+    assert doc["raw"]["metrics"] == raw_doc["metrics"] and doc["raw"]["micro_dsc"] == raw_doc["micro_dsc"] < 1
+    assert doc["raw"]["challenge"]["lesion_count_diff"]["ours_mean"] == 2.0
+    text = result.text()
+    assert "post-processing: components smaller than 20 mm³" in text and "with and without post-processing" in text
+    dsc_line = next(line for line in text.splitlines() if line.strip().startswith("dsc ") and "raw" in line)
+    assert f"post-processed 1.000  raw {raw['dsc'].mean():.3f}" in dsc_line
+    # the folder of predictions (masks, raw masks, probabilities) scored as any model's: the raw ones are set aside
+    folder = evaluate_predictions(out / "predictions", json.loads((run_dir / "run.json").read_text())["splits"],
+                                  output=tmp_path / "folder", progress=False, n_resamples=50)
+    assert (folder.scans["dsc"] == 1.0).all()
+    files = pd.read_csv(tmp_path / "folder" / "prediction_files.tsv", sep="\t")
+    raw_rows = files[files["file"].str.contains("ResUNetRaw")]
+    assert len(raw_rows) == 2 and not raw_rows["used"].any()
+    assert raw_rows["reason"].str.contains("raw mask").all()
 
 
 def test_ensemble_uses_the_snapshots(run):
@@ -284,6 +353,21 @@ def test_scoring_a_folder_by_hand(hand):
     text = result.text()
     assert "by cohort" in text and "by lesion-size quartile" in text and "challenge winner (test-set means)" in text
     assert "6-connected" in text and "2 NIfTI file(s)" in text
+
+
+def test_a_raw_mask_is_used_only_without_another_mask(hand, tmp_path):
+    """A desc-...Raw mask beside the scan's other mask is set aside (named, with the reason); alone, it is used."""
+    folder = hand["folder"]
+    raw_name = prediction_names("sub-a1_ses-1", raw=True)["mask_raw"]
+    assert raw_name == f"sub-a1_ses-1_space-{SPACE}_label-L_desc-ResUNetRaw_mask.nii.gz"
+    _save(_cube(1, 7), folder / raw_name)                                   # beside a1's mask: not used
+    result = evaluate_predictions(folder, hand["split"], output=tmp_path / "a", progress=False, n_resamples=20)
+    assert result.scans.set_index("scan").loc["sub-a1_ses-1", "dsc"] == 1.0
+    files = pd.read_csv(tmp_path / "a" / "prediction_files.tsv", sep="\t").set_index("file")
+    assert files.loc[raw_name, "used"] in (False, "false") and "raw mask" in files.loc[raw_name, "reason"]
+    (folder / prediction_names("sub-a1_ses-1")["mask"]).unlink()           # alone: the raw mask is the prediction
+    result = evaluate_predictions(folder, hand["split"], output=tmp_path / "b", progress=False, n_resamples=20)
+    assert result.scans.set_index("scan").loc["sub-a1_ses-1", "dsc"] == pytest.approx(2 * 64 / (64 + 216))
 
 
 def test_scoring_on_dask_writes_the_same_files(hand, tmp_path):

@@ -10,12 +10,16 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
+from scipy import ndimage
 
 torch = pytest.importorskip("torch")
 
 from test_train import MICRO, write_toy_dataset  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from atlas_curate import io  # noqa: E402
+from atlas_curate.cli import main  # noqa: E402
+from atlas_curate.postprocess import PostProcessing, load_choice, postprocess, save_choice  # noqa: E402
 from atlas_curate.predict import output_names, predict, standardise  # noqa: E402
 from atlas_curate.templates import get_template, template_arrays  # noqa: E402
 from atlas_curate.train import train  # noqa: E402
@@ -103,10 +107,71 @@ def test_template_space_inputs(run, tmp_path):
     prob_b = np.asarray(nib.load(out / table_out.loc[1, "probseg"]).dataobj)
     assert np.allclose(prob_a, prob_b, atol=1e-3)      # standardisation removes the global intensity scale
     mask = np.asarray(first.dataobj)
-    assert set(np.unique(mask)) <= {0, 1} and np.array_equal(mask > 0, prob_a >= 0.5)
+    raw = np.asarray(nib.load(out / table_out.loc[0, "mask_raw"]).dataobj)
+    assert "desc-ResUNetRaw_mask" in table_out.loc[0, "mask_raw"]
+    # the raw mask is the thresholded probability; the mask is the raw one post-processed with the run's rule
+    assert set(np.unique(mask)) <= {0, 1} and np.array_equal(raw > 0, prob_a >= 0.5)
+    assert np.array_equal(mask > 0, postprocess(raw > 0, load_choice(run_dir)[0])[0])
     assert table_out.loc[0, "lesion_volume_mm3"] == np.count_nonzero(mask)
+    assert table_out.loc[0, "lesion_volume_raw_mm3"] == np.count_nonzero(raw)
     with pytest.raises(ValueError, match="would both be written"):
         predict(run_dir, [loose, loose], tmp_path / "again", device="cpu", progress=False)
+
+
+def _copy_run(run_dir, dest):
+    """The files predict reads (configuration, run record, model, post-processing), not the checkpoints."""
+    dest.mkdir()
+    for name in ("config.toml", "run.json", "model.pt", "postprocess.json"):
+        shutil.copy(run_dir / name, dest / name)
+    return dest
+
+
+def test_predict_applies_the_runs_postprocessing(run, tmp_path, monkeypatch):
+    """With the network replaced by a lesion, a 3-voxel speck in the brain and a block in the air: the mask keeps
+    the lesion (the run's rule: < 20 mm³ and outside the brain removed), the raw mask keeps everything, the table
+    and sidecars say what was done; --no-postprocess and a run without postprocess.json write the raw mask."""
+    run_dir, table = _copy_run(run[0], tmp_path / "run"), run[1]
+    record = json.loads((run_dir / "postprocess.json").read_text())
+    save_choice({**record, "postprocessing": PostProcessing(min_size_mm3=20).to_dict()}, run_dir)
+    row = table[table["split"] == "test"].iloc[0]
+    lesion = np.asarray(nib.load(row["mask"]).dataobj) > 0
+    speck = np.zeros_like(lesion)
+    speck[98, 150, 100:103] = True                               # in the brain, far from the lesion
+    air = np.zeros_like(lesion)
+    air[2:7, 2:7, 2:6] = True
+    assert not (ndimage.binary_dilation(speck) & lesion).any() and template_arrays()["T1w"][98, 150, 100:103].min() > 0
+    prob = np.where(lesion, 0.9, 0.0) + np.where(speck, 0.8, 0.0) + np.where(air, 0.7, 0.0)
+    monkeypatch.setattr(Segmenter, "probability", lambda self, image: prob.astype(np.float32))
+
+    result = predict(run_dir, [row["t1"]], tmp_path / "out", device="cpu", progress=False)
+    out = result.table.iloc[0]
+    assert out["status"] == "ok" and out["postprocessing"] == result.postprocessing
+    assert "smaller than 20 mm³" in result.postprocessing
+    mask = np.asarray(nib.load(tmp_path / "out" / out["mask"]).dataobj) > 0
+    raw = np.asarray(nib.load(tmp_path / "out" / out["mask_raw"]).dataobj) > 0
+    assert np.array_equal(mask, lesion) and np.array_equal(raw, lesion | speck | air)
+    assert out["components_removed"] == 2 and out["lesion_volume_mm3"] == lesion.sum()
+    assert out["lesion_volume_raw_mm3"] - out["lesion_volume_mm3"] == 3 + 100
+    sidecar = json.loads((tmp_path / "out" / out["mask"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["PostProcessing"]["min_size_mm3"] == 20 and "post-processed" in sidecar["Description"]
+    raw_sidecar = json.loads((tmp_path / "out" / out["mask_raw"].replace(".nii.gz", ".json")).read_text())
+    assert "before post-processing" in raw_sidecar["Description"] and "PostProcessing" not in raw_sidecar
+    written = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t")
+    assert written.loc[0, "components_removed"] == 2 and written.loc[0, "mask_raw"] == out["mask_raw"]
+
+    cli = CliRunner().invoke(main, ["predict", str(run_dir), row["t1"], "--output", str(tmp_path / "plain"),
+                                    "--no-postprocess", "--device", "cpu"])
+    assert cli.exit_code == 0, cli.output
+    assert "post-processing: none (--no-postprocess)" in cli.output
+    plain = pd.read_csv(tmp_path / "plain" / "predictions.tsv", sep="\t", keep_default_na=False)
+    assert plain.loc[0, "mask_raw"] == "n/a" and plain.loc[0, "components_removed"] == "n/a"
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "plain" / plain.loc[0, "mask"]).dataobj) > 0, raw)
+    assert not list((tmp_path / "plain").rglob("*ResUNetRaw*"))
+
+    (run_dir / "postprocess.json").unlink()                     # a run trained before post-processing existed
+    old = predict(run_dir, [row["t1"]], tmp_path / "old", device="cpu", progress=False)
+    assert "no postprocess.json" in old.table.loc[0, "postprocessing"]
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "old" / old.table.loc[0, "mask"]).dataobj) > 0, raw)
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +19,7 @@ from atlas_curate.templates import get_template, template_arrays  # noqa: E402
 from atlas_curate.train import config as cfgmod  # noqa: E402
 from atlas_curate.train import data, infer, model  # noqa: E402
 from atlas_curate.train.loop import train  # noqa: E402
+from atlas_curate.train.resume import plan_resume  # noqa: E402
 
 SPACE = "MNI152NLin2009aSym"
 MICRO = {
@@ -341,6 +344,27 @@ def test_training_run_outputs(trained):
     assert doc["status"] == "complete" and len(doc["train_scans"]) == 4 and doc["dev_scans"] == ["sub-t04_ses-1"]
 
 
+def test_training_chooses_the_postprocessing_on_the_dev_scans(trained):
+    """postprocess.json: every size of the grid tried on the dev scan with the final model, the best mean dev
+    Dice chosen (ties: the smallest), summarised in run.json and in the summary line."""
+    run, result = trained
+    record = json.loads((run / "postprocess.json").read_text())
+    assert record == result.postprocess
+    assert record["chosen_on"] == "dev" and record["n_dev_scans"] == 1 and record["model"] == "model.pt"
+    grid = record["grid"]
+    assert [row["min_size_mm3"] for row in grid] == [0, 10, 20, 50, 100, 200, 500]
+    best = max(row["dev_dice"] for row in grid)
+    smallest = min(row["min_size_mm3"] for row in grid if row["dev_dice"] == best)
+    assert record["postprocessing"] == {"min_size_mm3": smallest, "brain_margin_mm": 3.0, "min_inside_fraction": 0.5,
+                                        "connectivity": 6}
+    assert record["dev_dice"] == best >= record["dev_dice_raw"]
+    # the raw dev Dice is the final dev Dice of the log (the same model, the same dev pass)
+    assert record["dev_dice_raw"] == pytest.approx(result.log["dev_dice"].iloc[-1], abs=1e-6)
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["postprocess"]["min_size_mm3"] == smallest and doc["postprocess"]["file"] == "postprocess.json"
+    assert "post-processing: components" in result.summary() and "chosen on the dev scans" in result.summary()
+
+
 def test_checkpoints_load_with_weights_only(trained, tmp_path):
     run, _ = trained
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -393,3 +417,168 @@ def test_missing_image_is_named(toy, tmp_path):
     broken.to_csv(path, sep="\t", index=False)
     with pytest.raises(io.InputError, match="gone_T1w"):
         train(root, path, tmp_path / "run", config=MICRO, device="cpu", progress=False)
+
+
+def test_resume_at_a_stage_boundary_gives_the_same_weights(toy, trained, tmp_path):
+    """Stopped exactly at the end of a stage, the next stage starts with a fresh optimiser and schedule, as in the
+    uninterrupted run (not with the finished stage's state)."""
+    root, splits, _ = toy
+    run, full = trained
+    part = tmp_path / "boundary"
+    train(root, splits, part, config=MICRO, device="cpu", progress=False, max_epochs=3)
+    state = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["stage"], state["epoch"]) == (1, 0)
+    resumed = train(root, splits, part, config=MICRO, device="cpu", progress=False, resume=True)
+    assert resumed.complete and resumed.resumed_at == ("zoom_out", 0)
+    assert resumed.log["lr"].tolist()[3:] == pytest.approx([1e-3, 1e-3])
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(part / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert np.allclose(full.log["train_loss"], resumed.log["train_loss"], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ extending a run
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_plan_rules():
+    """Where a resumed run goes on, and what it may change, by the checkpoint's position (no training)."""
+    saved = cfgmod.make_config("quick", MICRO)
+    same = plan_resume(saved, saved, (0, 2))
+    assert (same.stage, same.epoch, same.continue_stage, same.changes) == (0, 2, True, [])
+    assert (plan_resume(saved, saved, (1, 0)).stage, plan_resume(saved, saved, (1, 0)).continue_stage) == (1, False)
+    # interrupted in zoom_in: it may grow or shrink (above its 2 trained epochs); zoom_out has not started
+    ahead = cfgmod.apply_overrides(saved, {"num_workers": 2, "threshold": 0.4, "stages": {
+        "zoom_in": {"epochs": 6}, "zoom_out": {"crop": [48, 48, 48], "lr": 5e-4, "epochs": 1, "snapshot_epochs": [1]}}})
+    plan = plan_resume(saved, ahead, (0, 2))
+    assert (plan.stage, plan.epoch, plan.continue_stage) == (0, 2, True)
+    assert {c.field for c in plan.changes} == {"num_workers", "threshold", "stages.zoom_in.epochs",
+                                              "stages.zoom_out.crop", "stages.zoom_out.lr", "stages.zoom_out.epochs",
+                                              "stages.zoom_out.snapshot_epochs"}
+    with pytest.raises(ValueError, match=r"stages\.zoom_in\.epochs \(was 3, now 2\) \[cannot shrink to or below"):
+        plan_resume(saved, cfgmod.apply_overrides(saved, {"stages": {"zoom_in": {"epochs": 2}}}), (0, 2))
+    # at the stage boundary: the completed zoom_in may be extended (it goes on with its own optimiser state)
+    longer = cfgmod.apply_overrides(saved, {"stages": {"zoom_in": {"epochs": 5}}})
+    plan = plan_resume(saved, longer, (1, 0))
+    assert (plan.stage, plan.epoch, plan.continue_stage) == (0, 3, True)
+    # a finished run: extend the last stage, add one; snapshots may change only after the trained epochs
+    grown = cfgmod.apply_overrides(saved, {"stages": {"zoom_out": {"epochs": 4, "snapshot_epochs": [1, 2, 4]}}})
+    plan = plan_resume(saved, grown, (2, 0))
+    assert (plan.stage, plan.epoch, plan.continue_stage) == (1, 2, True)
+    assert [c.to_dict() for c in plan.changes] == [
+        {"field": "stages.zoom_out.epochs", "from": 2, "to": 4},
+        {"field": "stages.zoom_out.snapshot_epochs", "from": [1, 2], "to": [1, 2, 4]}]
+    added = cfgmod.apply_overrides(saved, {"stages": [*MICRO["stages"], {**MICRO["stages"][0], "name": "polish"}]})
+    plan = plan_resume(saved, added, (2, 0))
+    assert (plan.stage, plan.epoch, plan.continue_stage) == (2, 0, False)
+    assert plan.changes[0].field == "stages.polish" and plan.changes[0].before is None
+    moved = cfgmod.apply_overrides(saved, {"stages": {"zoom_out": {"epochs": 4, "snapshot_epochs": [3, 4]}}})
+    assert plan_resume(saved, moved, (2, 0)).stage == 1          # trained snapshots may be dropped from the list
+    with pytest.raises(ValueError, match=r"stages\.zoom_in\.snapshot_epochs \(was \[\], now \[3\]\) \[epochs \[3\] "
+                                         r"were trained without a snapshot\]"):
+        plan_resume(saved, cfgmod.apply_overrides(saved, {"stages": {"zoom_in": {"snapshot_epochs": [3]}}}), (2, 0))
+    with pytest.raises(ValueError, match=r"stages\.zoom_in \(renamed to 'warm'; it has trained 3 epochs\)"):
+        plan_resume(saved, cfgmod.apply_overrides(saved, {"stages": [{**MICRO["stages"][0], "name": "warm"},
+                                                                    MICRO["stages"][1]]}), (1, 0))
+
+
+def test_extending_a_finished_run_by_epochs(toy, trained, tmp_path):
+    """A complete run resumed with one more zoom-out epoch trains only that epoch; the log goes on, run.json
+    records the change, and the weights are those of a run configured with the longer stage from the start."""
+    root, splits, _ = toy
+    run, _ = trained
+    ext = shutil.copytree(run, tmp_path / "extended")
+    before = pd.read_csv(ext / "log.tsv", sep="\t")
+    old_model = _weights(ext / "model.pt")
+    result = train(root, splits, ext, config={"stages": {"zoom_out": {"epochs": 3}}}, device="cpu", progress=False,
+                   resume=True)
+    assert result.complete and result.resumed_at == ("zoom_out", 2)
+    log = pd.read_csv(ext / "log.tsv", sep="\t")
+    assert log["stage"].tolist() == ["zoom_in"] * 3 + ["zoom_out"] * 3
+    assert log["epoch"].tolist() == [1, 2, 3, 1, 2, 3]                  # numbering goes on, nothing repeated
+    pd.testing.assert_frame_equal(log.iloc[:5], before)                  # the rows already there are kept
+    assert log["lr"].iloc[5] == pytest.approx(1e-3) and 0 <= log["dev_dice"].iloc[5] <= 1
+    doc = json.loads((ext / "run.json").read_text())
+    assert doc["status"] == "complete" and doc["epochs_done"] == 6
+    [entry] = doc["extensions"]
+    assert entry["changes"] == [{"field": "stages.zoom_out.epochs", "from": 2, "to": 3}]
+    assert entry["at"] == {"stage": "zoom_out", "epoch": 2, "epochs_done": 5} and entry["status_before"] == "complete"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"])
+    assert cfgmod.load_config(ext / "config.toml").stages[1].epochs == 3
+    state = torch.load(ext / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["stage"], state["epoch"]) == (2, 0) and len(state["log"]) == 6
+    new_model = _weights(ext / "model.pt")
+    assert not all(torch.equal(old_model[k], new_model[k]) for k in old_model)          # model.pt updated
+    assert all(torch.equal(new_model[k], v) for k, v in state["model"].items())
+    assert "stages.zoom_out.epochs 2 -> 3" in result.summary()
+    assert (ext / "curve.png").is_file() and json.loads((ext / "postprocess.json").read_text())["model"] == "model.pt"
+    # the same as a run configured with three zoom-out epochs from the start
+    longer = {**MICRO, "stages": [MICRO["stages"][0], {**MICRO["stages"][1], "epochs": 3}]}
+    fresh = train(root, splits, tmp_path / "fresh", config=longer, device="cpu", progress=False)
+    reference = _weights(tmp_path / "fresh" / "model.pt")
+    assert all(torch.equal(reference[k], new_model[k]) for k in reference)
+    assert np.array_equal(fresh.log["train_loss"].to_numpy(), result.log["train_loss"].to_numpy())
+    # --resume alone goes on with the run's own configuration: nothing left to train, nothing recorded
+    again = train(root, splits, ext, device="cpu", progress=False, resume=True)
+    assert again.complete and len(again.log) == 6 and again.extension is None
+    assert len(json.loads((ext / "run.json").read_text())["extensions"]) == 1
+
+
+def test_adding_a_stage_to_a_finished_run(toy, trained, tmp_path):
+    root, splits, _ = toy
+    run, _ = trained
+    ext = shutil.copytree(run, tmp_path / "added")
+    before = pd.read_csv(ext / "log.tsv", sep="\t")
+    polish = {"name": "polish", "crop": [16, 16, 16], "epochs": 2, "lr": 1e-4, "restart_period": 2, "batch_size": 2,
+              "iterations_per_epoch": 2, "snapshot_epochs": [2]}
+    result = train(root, splits, ext, config={"stages": [*MICRO["stages"], polish]}, device="cpu", progress=False,
+                   resume=True)
+    assert result.complete and result.resumed_at == ("polish", 0)
+    log = pd.read_csv(ext / "log.tsv", sep="\t")
+    assert log["stage"].tolist() == ["zoom_in"] * 3 + ["zoom_out"] * 2 + ["polish"] * 2
+    assert log["epoch"].tolist() == [1, 2, 3, 1, 2, 1, 2]
+    pd.testing.assert_frame_equal(log.iloc[:5], before)
+    assert log["lr"].tolist()[5:] == pytest.approx([1e-4, 5e-5])       # a fresh optimiser and schedule
+    doc = json.loads((ext / "run.json").read_text())
+    [entry] = doc["extensions"]
+    assert entry["at"] == {"stage": "polish", "epoch": 0, "epochs_done": 5}
+    assert entry["changes"] == [{"field": "stages.polish", "from": None,
+                                 "to": {**polish, "min_lr": 0.0}}]
+    assert doc["snapshots"] == ["checkpoints/polish-epoch2.pt"] and (ext / "checkpoints" / "polish-epoch2.pt").is_file()
+    assert [p.name for p in result.snapshots] == ["polish-epoch2.pt"]
+    assert [s.name for s in cfgmod.load_config(ext / "config.toml").stages] == ["zoom_in", "zoom_out", "polish"]
+    assert "added stage polish" in result.summary()
+    state = torch.load(ext / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["stage"], state["epoch"]) == (3, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(run / "model.pt").values(),
+                                                     _weights(ext / "model.pt").values()))
+
+
+def test_resume_refuses_changes_that_cannot_continue_the_run(toy, trained):
+    """Network, voxel size, a trained stage's crop, shrinking, extending a stage below another: refused with the
+    field, its old and its new value; the run folder is left as it was."""
+    root, splits, _ = toy
+    run, _ = trained
+    files = ("config.toml", "run.json", "log.tsv", "model.pt", "checkpoints/last.pt")
+    before = {name: (run / name).read_bytes() for name in files}
+
+    def refused(config):
+        with pytest.raises(ValueError, match="cannot be changed when resuming") as info:
+            train(root, splits, run, config=config, device="cpu", progress=False, resume=True)
+        return str(info.value)
+
+    message = refused({"widths": [8, 16, 16, 16, 16], "voxel_size": 2})
+    assert "widths (was [8, 8, 8, 8, 8], now [8, 16, 16, 16, 16]) [network shape]" in message
+    assert "voxel_size (was 4, now 2) [data preparation]" in message and str(run / "config.toml") in message
+    assert "stages.zoom_in.crop (was [16, 16, 16], now [24, 24, 24])" in refused(
+        {"stages": {"zoom_in": {"crop": [24, 24, 24]}}})
+    assert "stages.zoom_out.epochs (was 2, now 1) [cannot shrink below the 2 epochs trained]" in refused(
+        {"stages": {"zoom_out": {"epochs": 1, "snapshot_epochs": [1]}}})
+    assert "stages.zoom_in.epochs (was 3, now 4) [only the last trained stage can be extended" in refused(
+        {"stages": {"zoom_in": {"epochs": 4}}})
+    assert "stages.zoom_out (removed; it has trained 2 epochs)" in refused({"stages": [MICRO["stages"][0]]})
+    with pytest.raises(ValueError, match=r"preset \(was quick, now paper\)"):
+        train(root, splits, run, preset="paper", device="cpu", progress=False, resume=True)
+    assert {name: (run / name).read_bytes() for name in files} == before

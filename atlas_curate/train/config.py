@@ -20,7 +20,13 @@ Presets:
 
 ``--config FILE`` is a TOML file whose keys override the preset's: scalars replace, ``[stages.<name>]``
 tables update one stage's fields, a ``[[stages]]`` array replaces the whole stage list. The full effective
-configuration is written to ``RUN_DIR/config.toml`` and read back by ``evaluate`` and ``predict``.
+configuration is written to ``RUN_DIR/config.toml`` and read back by ``evaluate`` and ``predict``. With
+``--resume`` the keys override the run's own ``config.toml`` instead (so ``--resume`` alone continues the run as
+it was configured, and ``[stages.zoom_out]`` / ``epochs = 60`` extends a stage; see :mod:`.resume`).
+
+Post-processing (``postprocess_*``, :mod:`atlas_curate.postprocess`): the minimum lesion sizes (mm³) tried on
+the dev scans at the end of training, the margin (mm) by which the template brain is dilated and the fraction
+of a component's voxels that must lie inside it.
 """
 
 from __future__ import annotations
@@ -98,6 +104,10 @@ class TrainConfig:
     overlap: float = 0.5                # sliding-window overlap (fraction of the window)
     blend: str = "gaussian"
     threshold: float = 0.5
+    # post-processing (chosen on the dev scans at the end of training; atlas_curate.postprocess)
+    postprocess_sizes_mm3: tuple[float, ...] = (0, 10, 20, 50, 100, 200, 500)   # minimum lesion sizes tried
+    postprocess_brain_margin_mm: float = 3.0    # the template brain mask is dilated by this much
+    postprocess_min_inside: float = 0.5         # a component with a smaller fraction inside it is removed
 
     def validate(self) -> "TrainConfig":
         problems = []
@@ -117,6 +127,10 @@ class TrainConfig:
             problems.append("overlap must lie in [0, 1)")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             problems.append("flip_axes must be among 0, 1, 2")
+        if not self.postprocess_sizes_mm3 or any(s < 0 for s in self.postprocess_sizes_mm3):
+            problems.append("postprocess_sizes_mm3 must hold at least one size, none negative")
+        if self.postprocess_brain_margin_mm < 0 or not 0 < self.postprocess_min_inside <= 1:
+            problems.append("postprocess_brain_margin_mm must be >= 0 and postprocess_min_inside in (0, 1]")
         if self.dev_every < 0 or self.checkpoint_every < 1 or self.num_workers < 0 or self.cpu_threads < 0:
             problems.append("dev_every, num_workers and cpu_threads must be >= 0, checkpoint_every >= 1")
         if not self.stages:
@@ -194,7 +208,7 @@ def preset_config(name: str) -> TrainConfig:
     return paper_config() if name == "paper" else quick_config()
 
 
-_TUPLE_FIELDS = {"flip_axes", "widths", "encoder_blocks", "crop", "snapshot_epochs"}
+_TUPLE_FIELDS = {"flip_axes", "widths", "encoder_blocks", "crop", "snapshot_epochs", "postprocess_sizes_mm3"}
 
 
 def _stage_from(doc: dict, base: StageConfig | None, where: str) -> StageConfig:
@@ -249,9 +263,16 @@ def read_toml(path: os.PathLike | str) -> dict:
         raise InputError(path, f"not valid TOML ({exc})") from exc
 
 
-def make_config(preset: str = "quick", config: os.PathLike | str | dict | None = None) -> TrainConfig:
-    """The preset with the overrides of ``config`` (a TOML path or an already parsed dict) applied."""
-    base = preset_config(preset)
+def make_config(preset: str = "quick", config: os.PathLike | str | dict | None = None, *,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """The preset with the overrides of ``config`` (a TOML path or an already parsed dict) applied.
+
+    With ``base`` (a resumed run's saved configuration) the overrides apply to ``base`` instead, and ``preset``
+    only labels the result (a preset other than the run's is then a change :mod:`.resume` refuses)."""
+    if base is not None:
+        base = base if base.preset == preset else dataclasses.replace(base, preset=preset)
+    else:
+        base = preset_config(preset)
     if config is None:
         return base.validate()
     if isinstance(config, dict):

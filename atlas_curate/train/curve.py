@@ -2,7 +2,8 @@
 
 Loss per epoch (the combined training loss, with its BCE and Dice parts fainter) on the left axis, the dev
 Dice on the epochs where it was measured (markers) on the right axis, epochs counted across stages with a
-dashed line where a stage starts. The figure is a :class:`matplotlib.figure.Figure` drawn with the Agg
+dotted line where a stage starts and a dashed one, labelled ``extended``, where a resumed run was extended
+(``run.json``'s ``extensions``). The figure is a :class:`matplotlib.figure.Figure` drawn with the Agg
 canvas (no pyplot, no global backend change) and saved without the ``Software`` tag, so the same log gives
 the same bytes.
 """
@@ -12,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
-from .. import io
+from .. import io, tables
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,10 @@ def read_log(log_tsv: os.PathLike | str) -> pd.DataFrame:
     return table
 
 
-def training_curve(log_tsv: os.PathLike | str, png: os.PathLike | str) -> Path:
-    """Draw the curve of ``log_tsv`` into ``png`` (written atomically); returns ``png``."""
+def training_curve(log_tsv: os.PathLike | str, png: os.PathLike | str, *, marks: Sequence[tuple[int, str]] = ()
+                   ) -> Path:
+    """Draw the curve of ``log_tsv`` into ``png`` (written atomically); returns ``png``. ``marks``: ``(epochs
+    before, label)`` of events between epochs (a run extended after that many epochs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -75,6 +79,11 @@ def training_curve(log_tsv: os.PathLike | str, png: os.PathLike | str) -> Path:
             ax.axvline(step - 0.5, color="grey", linestyle=":", linewidth=1)
         ax.annotate(str(log.loc[position, "stage"]), xy=(step - 0.5, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(3, -12), textcoords="offset points", fontsize=8, color="dimgrey")
+    for before, label in marks:
+        if 0 < before < len(log):
+            ax.axvline(before + 0.5, color="tab:purple", linestyle="--", linewidth=1)
+            ax.annotate(label, xy=(before + 0.5, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                        textcoords="offset points", fontsize=8, color="tab:purple")
     if len(log):
         ax.set_xlim(0.5, len(log) + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -91,12 +100,21 @@ def training_curve(log_tsv: os.PathLike | str, png: os.PathLike | str) -> Path:
     return png
 
 
+def extension_marks(run_dir: os.PathLike | str) -> list[tuple[int, str]]:
+    """``(epochs before, "extended")`` for every extension recorded in ``RUN_DIR/run.json``."""
+    try:
+        doc = tables.read_json(Path(run_dir) / "run.json")
+        return [(int(entry["at"]["epochs_done"]), "extended") for entry in doc.get("extensions") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
 def curve_quietly(run_dir: os.PathLike | str) -> Path | None:
     """``RUN_DIR/curve.png`` from ``RUN_DIR/log.tsv`` at the end of training; a failure is a warning (the weights
     and the log are written by then: a figure is not worth failing the run for)."""
     run_dir = Path(run_dir)
     try:
-        return training_curve(run_dir / "log.tsv", run_dir / CURVE_FILE)
+        return training_curve(run_dir / "log.tsv", run_dir / CURVE_FILE, marks=extension_marks(run_dir))
     except Exception as exc:  # noqa: BLE001
         log.warning("could not draw %s: %s: %s", run_dir / CURVE_FILE, type(exc).__name__, exc)
         return None
