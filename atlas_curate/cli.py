@@ -93,8 +93,12 @@ def main(verbose: int) -> None:
                                             "metadata row without folder, folder without row); not with bids.")
 @click.option("--truth", type=click.Path(file_okay=False), default=None,
               help="Where to write the ground truth (default: OUT-truth beside OUT).")
+@click.option("--pathology/--no-pathology", default=False, show_default=True,
+              help="Render what chronic-stroke brains show besides the lesion (atrophy, white-matter "
+                   "hyperintensities following the Fazekas grades, perivascular spaces, ex-vacuo ventricles, "
+                   "CSF-dark cavities with grey-matter-like rims); --no-pathology: the clean anatomy.")
 @_jobs_option("synth")
-def synth(out, subjects, seed, flavour, layout, brain_extracted, masks, faults, truth, jobs):
+def synth(out, subjects, seed, flavour, layout, brain_extracted, masks, faults, truth, pathology, jobs):
     """Write a synthetic ATLAS release (or BIDS lesion dataset) to OUT, with its ground truth beside it."""
     from .synth import default_truth_dir, synthesize
 
@@ -105,7 +109,7 @@ def synth(out, subjects, seed, flavour, layout, brain_extracted, masks, faults, 
             if given(name) == click.core.ParameterSource.COMMANDLINE:
                 raise click.UsageError(f"{flag} works only with --flavour bids")
     doc = synthesize(out, subjects=subjects, seed=seed, flavour=flavour, faults=faults, truth=truth, jobs=jobs,
-                     layout=layout, brain_extracted=brain_extracted, masks=masks)
+                     layout=layout, brain_extracted=brain_extracted, masks=masks, pathology=pathology)
     click.echo(f"wrote {len(doc['scans'])} scans to {out}")
     click.echo(f"ground truth: {truth or default_truth_dir(out)}")
 

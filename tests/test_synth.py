@@ -23,7 +23,7 @@ from nibabel.processing import resample_from_to
 from atlas_curate.anatomy import classify_lesion
 from atlas_curate.ids import IndiScanId, ScanId
 from atlas_curate.io import InputError, grid_difference, load_nifti, read_mask
-from atlas_curate.synth import FAULT_KINDS, plan_release
+from atlas_curate.synth import FAULT_KINDS, plan_release, synthesize
 from atlas_curate.synth.release import render_scan, write_metadata
 from atlas_curate.templates import get_template
 
@@ -516,3 +516,69 @@ def test_lesion_intensity_overlaps_csf(native_release):
     # ... but not separable by a threshold: CSF and sulci are as dark
     dark = image <= median
     assert np.count_nonzero(dark & healthy) > np.count_nonzero(dark & lesion)
+
+
+# ---------------------------------------------------------------------------------------------- pathology
+
+
+@pytest.fixture(scope="module")
+def pathology_native_release(tmp_path_factory):
+    """The session fixture ``native_release`` again, with pathology (``synth --pathology``)."""
+    from conftest import Release
+
+    base = tmp_path_factory.mktemp("native-pathology")
+    synthesize(base / "release", subjects=4, seed=3, flavour="native", faults=True, truth=base / "truth",
+               jobs=2, progress=False, pathology=True)
+    return Release(base / "release", base / "truth")
+
+
+@pytest.fixture(scope="module")
+def pathology_standard_release(tmp_path_factory):
+    """The session fixture ``standard_release`` again, with pathology."""
+    from conftest import Release
+
+    base = tmp_path_factory.mktemp("standard-pathology")
+    synthesize(base / "release", subjects=3, seed=5, flavour="standard", faults=True, truth=base / "truth",
+               jobs=2, progress=False, pathology=True)
+    return Release(base / "release", base / "truth")
+
+
+def test_pathology_is_per_subject_and_never_on_a_lesion(pathology_native_release, pathology_standard_release):
+    """Sessions of a subject share its pathology; subjects differ; no pathology label on a lesion voxel; the
+    spreadsheet reports the grades the subject was rendered with."""
+    records = pathology_native_release.truth["scans"]
+    assert pathology_native_release.truth["pathology"] is True
+    by_subject = defaultdict(list)
+    for scan, record in records.items():
+        by_subject[record["plan"]["subject_index"]].append(scan)
+    shared = [scans for scans in by_subject.values() if len(scans) == 2]
+    assert shared, "no subject with two sessions"
+    for first, second in shared:
+        assert records[first]["pathology"] == records[second]["pathology"]
+        assert (_pathology(pathology_native_release, first).tobytes()
+                == _pathology(pathology_native_release, second).tobytes())
+    clean = [s for s in _clean_scans(pathology_native_release) if records[s]["plan"]["subject_index"] < 9000]
+    kinds = {json.dumps({k: v for k, v in records[s]["pathology"].items() if k != "lesion_rim_levels"},
+                        sort_keys=True) for s in clean}
+    assert len(kinds) == len({records[s]["plan"]["subject_index"] for s in clean})
+    for release in (pathology_native_release, pathology_standard_release):
+        for scan, record in release.truth["scans"].items():
+            doc = record["pathology"]
+            assert doc["rendered"]
+            labels = _pathology(release, scan)
+            assert not (labels.astype(bool) & (_dseg(release, scan) > 0)).any(), scan
+            assert doc["wmh_mm3"] == float(np.count_nonzero(labels == 1))
+            assert doc["reported_pvh"] in (doc["fazekas_pvh"], "") and doc["reported_dwmh"] in (doc["fazekas_dwmh"], "")
+    table = _read_native_metadata(pathology_native_release).set_index("Subject ID")
+    for scan in clean:
+        for column, key in (("PVH", "reported_pvh"), ("DWMH", "reported_dwmh")):
+            reported = records[scan]["pathology"][key]
+            value = table.loc[scan, column]
+            assert (pd.isna(value) if reported == "" else int(value) == reported), (scan, column, value, reported)
+    pathology_table = pd.read_csv(pathology_native_release.truth_dir / "pathology.tsv", sep="\t")
+    assert sorted(pathology_table["scan"]) == sorted(records)
+
+
+def _pathology(release, scan: str) -> np.ndarray:
+    path = release.truth_dir / "masks" / f"{scan.replace('/', '_')}_space-{TEMPLATE_NAME}_desc-pathology_dseg.nii.gz"
+    return np.asarray(nib.load(path).dataobj)

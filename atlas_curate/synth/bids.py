@@ -32,7 +32,8 @@ the whole-head scan with the same seed.
 The truth (``<OUT>-truth``) is as for the other flavours: ``truth.json`` (per scan ``native_to_template_ras``,
 the grid, the lesions, where its files are, whether it is brain-extracted), ``lesions.tsv``, the lesions on the
 template grid (``masks/<scan>_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz``) and the subject's brain on
-the scan's grid before extraction (``brain_masks/<scan>_space-orig_desc-brain_mask.nii.gz``).
+the scan's grid before extraction (``brain_masks/<scan>_space-orig_desc-brain_mask.nii.gz``), and, with pathology
+(the default, as for the other flavours), the subject's pathology labels and ``pathology.tsv``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,17 @@ from .. import io, naming, tables
 from ..executor import run_map, summarize
 from ..templates import get_template
 from .head import head_model
-from .release import _cohort, _release_order, _save, _to_dtype, prepare_folders, truth_lesions, write_lesion_table
+from .release import (
+    _cohort,
+    _release_order,
+    _save,
+    _to_dtype,
+    prepare_folders,
+    truth_lesions,
+    truth_pathology,
+    write_lesion_table,
+    write_pathology_table,
+)
 from .render import (
     COHORTS,
     _interp_weights,
@@ -97,6 +108,7 @@ class BidsScanPlan:
     brain_extracted: bool
     masks: str
     days_post_stroke: int
+    pathology: bool = False
 
     @property
     def scan(self) -> naming.ScanRef:
@@ -135,9 +147,9 @@ def _days(rng: np.random.Generator) -> int:
 
 
 def plan_bids(subjects: int, seed: int, layout: str = "atlas3", brain_extracted: bool | None = None,
-              masks: str = "anat") -> list[BidsScanPlan]:
+              masks: str = "anat", pathology: bool = False) -> list[BidsScanPlan]:
     """The scans of a synthetic BIDS dataset (see the module docstring). ``brain_extracted=None``: brain-extracted
-    for ``atlas3``, whole heads for ``lab``."""
+    for ``atlas3``, whole heads for ``lab``. ``pathology``: as for the other flavours (:mod:`.pathology`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     if masks not in MASK_PLACES:
@@ -162,7 +174,7 @@ def plan_bids(subjects: int, seed: int, layout: str = "atlas3", brain_extracted:
             sub = f"{k + 1:02d}"
             later = days + int(np.random.default_rng([seed, k, 12]).integers(150, 400))
             sessions = [(None, 1, days)] if k % 2 == 0 else [("1", 1, days), ("2", 2, later)]
-        plans += [BidsScanPlan(seed, k, cohort, sub, ses, t, n, layout, stripped, masks, d)
+        plans += [BidsScanPlan(seed, k, cohort, sub, ses, t, n, layout, stripped, masks, d, pathology)
                   for ses, t, d in sessions]
     return plans
 
@@ -210,7 +222,7 @@ def render_bids_scan(plan: BidsScanPlan, out: str, truth: str) -> dict:
     out_dir, truth_dir = Path(out), Path(truth)
     model = head_model()
     cohort = _cohort(plan.cohort)
-    subject = make_subject(plan.seed, plan.subject_index, plan.n_lesions, False, model)
+    subject = make_subject(plan.seed, plan.subject_index, plan.n_lesions, False, model, pathology=plan.pathology)
     rng = np.random.default_rng([plan.seed, plan.subject_index, plan.timepoint])
     pose = random_pose(rng)
     shape, affine = native_grid(cohort, pose, model)
@@ -241,6 +253,8 @@ def render_bids_scan(plan: BidsScanPlan, out: str, truth: str) -> dict:
     stem = plan.key
     io.save_nifti(nib.Nifti1Image(dseg, template.affine),
                   truth_dir / "masks" / f"{stem}_space-{template.name}_desc-lesions_dseg.nii.gz")
+    pathology = truth_pathology(subject, plan.seed, plan.subject_index,
+                                truth_dir / "masks" / f"{stem}_space-{template.name}")
     _save(rendered.brain.astype(np.uint8), affine,
           truth_dir / "brain_masks" / f"{stem}_space-{naming.NATIVE_SPACE}_desc-brain_mask.nii.gz")
     lesions = truth_lesions(dseg, len(subject.lesions), raws, smooths, voxel_mm3)
@@ -261,6 +275,7 @@ def render_bids_scan(plan: BidsScanPlan, out: str, truth: str) -> dict:
         "zooms": [float(z) for z in zooms],
         "dtype": str(data.dtype),
         "deformation": subject.params,
+        "pathology": pathology,
         "lesions": lesions,
         "fault": "",
     }
@@ -339,11 +354,11 @@ def write_dataset_files(plans: list[BidsScanPlan], out_dir: Path) -> list[Path]:
 
 def synthesize_bids(out: os.PathLike | str, *, subjects: int = 4, seed: int = 0, layout: str = "atlas3",
                     brain_extracted: bool | None = None, masks: str = "anat", truth: os.PathLike | str | None = None,
-                    jobs: int = 1, progress: bool = True) -> dict:
+                    jobs: int = 1, progress: bool = True, pathology: bool = False) -> dict:
     """Write a synthetic BIDS lesion dataset to ``out`` and its truth to ``truth`` (default ``<out>-truth``).
     Returns the truth dictionary; the output is a pure function of the arguments other than ``out``, ``truth``,
     ``jobs`` and ``progress``."""
-    plans = plan_bids(subjects, seed, layout, brain_extracted, masks)
+    plans = plan_bids(subjects, seed, layout, brain_extracted, masks, pathology)
     out_dir, truth_dir = prepare_folders(out, truth)
     outcomes = run_map(partial(render_bids_scan, out=str(out_dir), truth=str(truth_dir)), plans,
                        key=lambda p: p.key, jobs=jobs, desc="synth", progress=progress)
@@ -359,6 +374,7 @@ def synthesize_bids(out: os.PathLike | str, *, subjects: int = 4, seed: int = 0,
         "skull_stripped": plans[0].brain_extracted,
         "seed": seed,
         "subjects": subjects,
+        "pathology": pathology,
         "template": get_template().name,
         "release": str(out_dir),
         "datasets": [d.relative_to(out_dir).as_posix() or "." for d in datasets],
@@ -368,4 +384,5 @@ def synthesize_bids(out: os.PathLike | str, *, subjects: int = 4, seed: int = 0,
     }
     tables.write_json(doc, truth_dir / "truth.json")
     write_lesion_table(records, truth_dir)
+    write_pathology_table(records, truth_dir)
     return doc

@@ -3,6 +3,8 @@
 A lesion is the connected top of a smooth random field around a centre, restricted to the
 subject's grey/white matter, with a CSF-like necrotic core, a brighter gliotic rim and a
 partial-volume boundary, so that no intensity threshold alone separates it from CSF or grey matter.
+Without pathology the core is 0.12 and the rim 0.5 (template units, white matter ~0.87); with pathology
+(:mod:`.pathology`) the core is the subject's CSF level and the rim close to grey matter (0.55-0.68).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Lesion:
     mask: np.ndarray       # bool, local 1 mm box
     fraction: np.ndarray   # float32 partial-volume fraction (0..1)
     intensity: np.ndarray  # float32 lesion intensity where fraction > 0
+    core_level: float = CSF_LEVEL      # the cavity's intensity (before texture)
+    rim_level: float = GLIOSIS_LEVEL   # the gliotic rim's
 
     @property
     def volume_mm3(self) -> float:
@@ -51,7 +55,11 @@ def _local_grid(centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_lesion(rng: np.random.Generator, model: HeadModel, deform: Deformation, centre: np.ndarray,
-                volume_mm3: float) -> Lesion | None:
+                volume_mm3: float, *, core: float = CSF_LEVEL, rim: float = GLIOSIS_LEVEL,
+                rim_mm: float = 1.5) -> Lesion | None:
+    """One lesion of about ``volume_mm3`` around ``centre``: intensity ``rim`` at its edge falling to ``core``
+    (the cavity's CSF) over about ``rim_mm`` (the intensities draw no random numbers: the shape is the same
+    whatever they are)."""
     radius = (3 * volume_mm3 / (4 * np.pi)) ** (1 / 3)
     half = int(np.ceil(1.9 * radius + 4))
     origin, pts = _local_grid(centre, half)
@@ -80,9 +88,9 @@ def make_lesion(rng: np.random.Generator, model: HeadModel, deform: Deformation,
     fraction = ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
     depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1].astype(np.float32)
     texture = 1.0 + 0.08 * ndimage.gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), 1.0) * 3
-    core = CSF_LEVEL + (GLIOSIS_LEVEL - CSF_LEVEL) * np.exp(-np.maximum(depth - 0.5, 0) / 1.5)
-    intensity = (core * texture).astype(np.float32)
-    return Lesion(origin.astype(np.float32), mask, fraction.astype(np.float32), intensity)
+    level = core + (rim - core) * np.exp(-np.maximum(depth - 0.5, 0) / rim_mm)
+    intensity = (level * texture).astype(np.float32)
+    return Lesion(origin.astype(np.float32), mask, fraction.astype(np.float32), intensity, float(core), float(rim))
 
 
 def lesion_volumes(rng: np.random.Generator, count: int) -> list[float]:
@@ -92,17 +100,20 @@ def lesion_volumes(rng: np.random.Generator, count: int) -> list[float]:
 
 
 def place_lesions(rng: np.random.Generator, model: HeadModel, deform: Deformation, volumes: list[float],
-                  centres: Callable[[float], np.ndarray], max_tries: int = 40) -> list[Lesion]:
-    """Place non-overlapping lesions (≥ 2 mm apart); ``centres(volume)`` gives candidate centres."""
+                  centres: Callable[[float], np.ndarray], max_tries: int = 40,
+                  styles: list[dict] | None = None) -> list[Lesion]:
+    """Place non-overlapping lesions (≥ 2 mm apart); ``centres(volume)`` gives candidate centres and
+    ``styles[k]`` the intensities (``core``, ``rim``, ``rim_mm`` of :func:`make_lesion`) of the k-th volume."""
     placed: list[Lesion] = []
     occupied: set[tuple[int, int, int]] = set()
-    for volume in volumes:
+    for k, volume in enumerate(volumes):
+        style = styles[k] if styles else {}
         candidates = centres(volume)
         for _ in range(max_tries):
             centre = candidates[rng.integers(len(candidates))].astype(np.float32)
             if sample(model.tissue, model, (centre + deform(centre[None]))[0][None])[0] < 0.6:
                 continue
-            lesion = make_lesion(rng, model, deform, centre, volume)
+            lesion = make_lesion(rng, model, deform, centre, volume, **style)
             if lesion is None:
                 continue
             grown = ndimage.binary_dilation(np.pad(lesion.mask, 2), iterations=2)

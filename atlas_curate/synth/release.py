@@ -21,7 +21,18 @@ The truth goes to a separate folder (default ``<OUT>-truth``) so that no convert
 * ``truth.json``: per scan the true native-world -> template-world affine (4x4, RAS mm), the grid,
   and per lesion (release order) volumes, hemisphere, location, territory; the injected faults;
 * ``lesions.tsv``: the same lesions, one row each;
-* ``masks/<scan>_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz``: the lesions on the template grid.
+* ``masks/<scan>_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz``: the lesions on the template grid;
+* ``masks/<scan>_space-MNI152NLin2009aSym_desc-pathology_dseg.nii.gz``: what else the subject's brain shows
+  (white-matter hyperintensities, perivascular spaces, atrophy, ex-vacuo ventricle; labels in
+  :data:`atlas_curate.synth.pathology.LABELS`, none of them on a lesion voxel), when rendered with pathology;
+* ``pathology.tsv``: per scan the subject's pathology (Fazekas grades, as rendered and as reported in the
+  metadata, intensities, atrophy, counts, volumes on the template grid).
+
+Pathology (``pathology=True``, the default; :mod:`atlas_curate.synth.pathology`) is part of every flavour:
+the subject's brain is rendered with atrophy, white-matter hyperintensities following its Fazekas grades (the
+grades the metadata reports), perivascular spaces and ex-vacuo enlargement of the ventricle beside a large
+lesion, and its lesions get a CSF-dark cavity and a grey-matter-like rim. ``pathology=False`` renders the clean
+head model and the old lesion intensities.
 """
 
 from __future__ import annotations
@@ -45,12 +56,15 @@ from ..executor import run_map, summarize
 from ..ids import Atlas2ScanId, IndiScanId, ScanId
 from ..templates import get_template
 from .head import head_model
+from .pathology import LABELS, fazekas_grades
 from .render import (
     COHORTS,
     Cohort,
+    Subject,
     describe_lesions,
     make_subject,
     native_grid,
+    pathology_dseg,
     random_pose,
     render,
     template_dseg,
@@ -77,6 +91,7 @@ class ScanPlan:
     override: bool
     fault: str = ""
     part: str = ""          # atlas2 only: training | testing
+    pathology: bool = False  # atrophy, WMH, perivascular spaces, ex vacuo, realistic cavities (synth.pathology)
 
     @property
     def scan_id(self) -> ScanId | IndiScanId | Atlas2ScanId:
@@ -101,11 +116,12 @@ def _subject_number(flavour: str, index: int) -> int:
     return index // len(COHORTS) + 1
 
 
-def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool = False) -> list[ScanPlan]:
+def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool = False,
+                 pathology: bool = False) -> list[ScanPlan]:
     """Which scans the release holds. Subject k goes to cohort k mod 4; in R1.1 flavours every third
     subject has a second time point and subject 1 carries the primary-is-not-largest override; in
     ``atlas2`` every subject has one session and every third subject (k mod 3 = 2) is a testing scan.
-    Fault scans (``faults``) are training scans."""
+    Fault scans (``faults``) are training scans. ``pathology`` goes to every plan."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}")
     if flavour == "bids":
@@ -123,17 +139,18 @@ def plan_release(subjects: int, seed: int, flavour: str = "native", faults: bool
         number = _subject_number(flavour, k)
         if flavour == "atlas2":
             part = "testing" if k % 3 == 2 else "training"
-            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, n, False, part=part))
+            plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, n, False, part=part, pathology=pathology))
             continue
         timepoints = (1, 2) if k % 3 == 2 else (1,)
-        plans += [ScanPlan(flavour, seed, k, cohort, number, t, n, override) for t in timepoints]
+        plans += [ScanPlan(flavour, seed, k, cohort, number, t, n, override, pathology=pathology)
+                  for t in timepoints]
     if faults:
         for j, kind in enumerate(FAULT_KINDS):
             k = 9000 + j + 1
             cohort = COHORTS[j % len(COHORTS)].number
             number = {"native": k, "standard": 999000 + j + 1, "atlas2": 990 + j + 1}[flavour]
             plans.append(ScanPlan(flavour, seed, k, cohort, number, 1, 1, False, kind,
-                                  part="training" if flavour == "atlas2" else ""))
+                                  part="training" if flavour == "atlas2" else "", pathology=pathology))
     return plans
 
 
@@ -200,7 +217,8 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
         return {"scan": plan.key, "plan": asdict(plan), "lesions": [], "fault": plan.fault}
     model = head_model()
     cohort = _cohort(plan.cohort)
-    subject = make_subject(plan.seed, plan.subject_index, plan.n_lesions, plan.override, model)
+    subject = make_subject(plan.seed, plan.subject_index, plan.n_lesions, plan.override, model,
+                           pathology=plan.pathology)
     rng = np.random.default_rng([plan.seed, plan.subject_index, plan.timepoint])
     scan = plan.scan_id
     template = get_template()
@@ -252,9 +270,10 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
         io.write_bytes(blob[: len(blob) * 2 // 5], t1_path)
 
     dseg = template_dseg(subject)
-    io.save_nifti(nib.Nifti1Image(dseg, template.affine),
-                  truth_dir / "masks" / f"{plan.key.replace('/', '_')}_space-{template.name}_desc-lesions_dseg.nii.gz")
+    stem = f"{plan.key.replace('/', '_')}_space-{template.name}"
+    io.save_nifti(nib.Nifti1Image(dseg, template.affine), truth_dir / "masks" / f"{stem}_desc-lesions_dseg.nii.gz")
     lesions = truth_lesions(dseg, len(subject.lesions), raws, smooths, voxel_mm3)
+    pathology = truth_pathology(subject, plan.seed, plan.subject_index, truth_dir / "masks" / stem)
     return {
         "scan": plan.key,
         "plan": asdict(plan),
@@ -266,9 +285,44 @@ def render_scan(plan: ScanPlan, out: str, truth: str) -> dict:
         "dtype": str(data.dtype),
         "primary_override": bool(subject.override),
         "deformation": subject.params,
+        "pathology": pathology,
         "lesions": lesions,
         "fault": plan.fault,
     }
+
+
+def truth_pathology(subject: Subject, seed: int, subject_index: int, stem: Path) -> dict:
+    """The truth record of the subject's pathology: the grades (as rendered, and as the metadata reports them:
+    ``""`` when left blank), its parameters, the ex-vacuo pushes, and the volume (mm³, template grid) of every
+    label of :data:`LABELS`. With pathology, also writes the labels to ``<stem>_desc-pathology_dseg.nii.gz``.
+    Without, the record says so and holds the grades the metadata reports (they are then not rendered)."""
+    pvh, dwmh = fazekas_grades(seed, subject_index)
+    doc: dict = {"rendered": subject.pathology is not None, "reported_pvh": pvh, "reported_dwmh": dwmh}
+    if subject.pathology is None:
+        return doc
+    labels = pathology_dseg(subject, head_model())
+    template = get_template()
+    io.save_nifti(nib.Nifti1Image(labels, template.affine), Path(f"{stem}_desc-pathology_dseg.nii.gz"))
+    counts = np.bincount(labels.ravel(), minlength=max(LABELS) + 1)
+    voxel_mm3 = float(abs(np.linalg.det(template.affine[:3, :3])))
+    doc.update(subject.pathology.params.as_dict())
+    doc["lesion_rim_levels"] = [round(float(les.rim_level), 4) for les in subject.lesions]
+    doc["ex_vacuo"] = subject.pathology.ex_vacuo
+    doc.update({f"{name}_mm3": round(float(counts[label]) * voxel_mm3, 1) for label, name in LABELS.items()})
+    return doc
+
+
+def write_pathology_table(records: list[dict], truth_dir: Path) -> Path:
+    """``truth_dir/pathology.tsv``: one row per scan with its subject's pathology record (lists as text)."""
+    rows = []
+    for record in records:
+        if "pathology" not in record:
+            continue
+        row = {"scan": record["scan"]}
+        for key, value in record["pathology"].items():
+            row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        rows.append(row)
+    return io.write_text(pd.DataFrame(rows).to_csv(sep="\t", index=False), truth_dir / "pathology.tsv")
 
 
 def truth_lesions(dseg: np.ndarray, n: int, raws: list[np.ndarray], smooths: list[np.ndarray],
@@ -293,10 +347,6 @@ def write_lesion_table(records: list[dict], truth_dir: Path) -> Path:
              "centroid_z": les["centroid_mm"][2]}
             for r in records for les in r["lesions"]]
     return io.write_text(pd.DataFrame(rows).to_csv(sep="\t", index=False), truth_dir / "lesions.tsv")
-
-def _grade(rng: np.random.Generator) -> object:
-    return "" if rng.random() < 0.08 else int(rng.choice([0, 1, 2, 3], p=[0.3, 0.35, 0.2, 0.15]))
-
 
 ORPHAN_LESION = {"hemisphere": "Left", "location": "subcortical", "other_site": "", "territory": "MCA",
                  "volume_mm3_template": 1000.0}
@@ -333,6 +383,7 @@ def metadata_row(record: dict) -> dict:
         "Lacunar" if primary["location"] == "subcortical" and primary["volume_mm3_template"] < 1500
         else str(rng.choice(STROKE_TYPES[:2])))
     notes = NOTES[int(rng.integers(len(NOTES)))]
+    pvh, dwmh = fazekas_grades(plan["seed"], plan["subject_index"])   # the grades the subject is rendered with
     if record.get("primary_override"):
         notes = "Primary lesion designated by neuroradiologist; not the largest lesion"
     row = {f"# Strokes {k}": v for k, v in counts.items()}
@@ -342,8 +393,8 @@ def metadata_row(record: dict) -> dict:
         "Primary Stroke Location": location,
         "Primary Stroke Location Hemisphere": primary["hemisphere"],
         "Vascular territory": primary["territory"],
-        "PVH": _grade(rng),
-        "DWMH": _grade(rng),
+        "PVH": pvh,
+        "DWMH": dwmh,
         "Notes": notes,
     })
     return row
@@ -457,11 +508,13 @@ def prepare_folders(out: os.PathLike | str, truth: os.PathLike | str | None) -> 
 def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flavour: str = "native",
                faults: bool = False, truth: os.PathLike | str | None = None, jobs: int = 1,
                progress: bool = True, layout: str = "atlas3", brain_extracted: bool | None = None,
-               masks: str = "anat") -> dict:
+               masks: str = "anat", pathology: bool = False) -> dict:
     """Write a synthetic release to ``out`` and its truth to ``truth`` (default ``<out>-truth``).
 
-    Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults) and, for
-    ``flavour="bids"``, of ``layout``, ``brain_extracted`` and ``masks`` (see :mod:`atlas_curate.synth.bids`).
+    Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults, pathology) and,
+    for ``flavour="bids"``, of ``layout``, ``brain_extracted`` and ``masks`` (see :mod:`atlas_curate.synth.bids`).
+    ``pathology`` (default) renders atrophy, white-matter hyperintensities, perivascular spaces, ex-vacuo
+    ventricles and realistic lesion cavities (:mod:`atlas_curate.synth.pathology`); ``False`` the clean anatomy.
     """
     if flavour == "bids":
         from .bids import synthesize_bids
@@ -469,11 +522,11 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
         if faults:
             raise ValueError("the bids flavour has no fault scans (--faults works with native, standard, atlas2)")
         return synthesize_bids(out, subjects=subjects, seed=seed, layout=layout, brain_extracted=brain_extracted,
-                               masks=masks, truth=truth, jobs=jobs, progress=progress)
+                               masks=masks, truth=truth, jobs=jobs, progress=progress, pathology=pathology)
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}")
     out_dir, truth_dir = prepare_folders(out, truth)
-    plans = plan_release(subjects, seed, flavour, faults)
+    plans = plan_release(subjects, seed, flavour, faults, pathology)
     outcomes = run_map(partial(render_scan, out=str(out_dir), truth=str(truth_dir)), plans,
                        key=lambda p: p.key, jobs=jobs, desc="synth", progress=progress)
     failed = [o for o in outcomes if not o.ok]
@@ -488,6 +541,7 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
         "flavour": flavour,
         "seed": seed,
         "subjects": subjects,
+        "pathology": pathology,
         "template": get_template().name,
         "release": str(out_dir),
         "transform_convention": "native_to_template_ras maps native world RAS mm to template world RAS mm",
@@ -496,4 +550,5 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
     }
     io.write_text(json.dumps(truth_doc, indent=1, sort_keys=True), truth_dir / "truth.json")
     write_lesion_table(records, truth_dir)
+    write_pathology_table(records, truth_dir)
     return truth_doc

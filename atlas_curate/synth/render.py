@@ -13,6 +13,7 @@ from ..anatomy import classify_lesion, template_anatomy
 from ..templates import get_template
 from .head import Deformation, HeadModel, head_model, random_deformation
 from .lesions import Lesion, lesion_volumes, place_lesions
+from .pathology import Pathology, build_pathology, draw_params
 
 ORIENTATIONS = {"RAS": (1, 1, 1), "LAS": (-1, 1, 1), "LPS": (-1, -1, 1)}
 SMOOTH_FWHM_MM = 2.0
@@ -50,12 +51,20 @@ class Subject:
     lesions: list[Lesion]           # release order: primary first, then secondaries largest -> smallest
     override: bool                  # primary is not the largest lesion
     params: dict = field(default_factory=dict)
+    pathology: Pathology | None = None   # the subject's brain with atrophy, WMH, PVS, ex vacuo (None: clean)
 
 
-def make_subject(seed: int, index: int, n_lesions: int, override: bool, model: HeadModel | None = None) -> Subject:
-    """Deterministic anatomy and lesions of subject ``index`` (shared by all its sessions)."""
+def make_subject(seed: int, index: int, n_lesions: int, override: bool, model: HeadModel | None = None, *,
+                 pathology: bool = False) -> Subject:
+    """Deterministic anatomy and lesions of subject ``index`` (shared by all its sessions).
+
+    ``pathology`` adds what a chronic-stroke brain shows besides the lesions (:mod:`.pathology`) and gives the
+    lesions a CSF-level cavity and a grey-matter-like rim; it draws from its own random stream, so the
+    deformation and the lesion masks are the same either way. Without it the subject is rendered exactly as
+    before pathology existed (the plain head model)."""
     model = model or head_model()
     rng = np.random.default_rng([seed, index, 0])
+    extra = draw_params(seed, index) if pathology else None
     amplitude = float(rng.uniform(1.5, 3.0))
     ventricle = float(rng.uniform(-0.1, 0.45))
     deform = random_deformation(rng, model, amplitude=amplitude, ventricle=ventricle)
@@ -64,12 +73,14 @@ def make_subject(seed: int, index: int, n_lesions: int, override: bool, model: H
     if override and n_lesions >= 2:
         # make the override visible: the primary clearly smaller than the largest secondary
         volumes[1] = min(volumes[1], 0.6 * volumes[0])
-    lesions = place_lesions(rng, model, deform, volumes, partial(_centres, rng))
+    styles = [extra.lesion_style(k) for k in range(len(volumes))] if extra else None
+    lesions = place_lesions(rng, model, deform, volumes, partial(_centres, rng), styles=styles)
     lesions.sort(key=lambda les: -les.volume_mm3)
     if override and len(lesions) >= 2:
         lesions = [lesions[1], lesions[0], *lesions[2:]]
+    built = build_pathology(extra, model, deform, lesions) if extra else None
     return Subject(deform, lesions, override and len(lesions) >= 2,
-                   {"deformation_mm": amplitude, "ventricle_scale": ventricle})
+                   {"deformation_mm": amplitude, "ventricle_scale": ventricle}, built)
 
 
 @lru_cache(maxsize=1)
@@ -235,6 +246,7 @@ def render(subject: Subject, model: HeadModel, shape, affine: np.ndarray, native
     i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
     i, j, k = i[:, None, None], j[None, :, None], k[None, None, :]
 
+    head_t1 = subject.pathology.t1 if subject.pathology is not None else model.t1
     n_sub = max(1, int(round(slice_thickness_mm)))
     offsets = (np.arange(n_sub) - (n_sub - 1) / 2.0) * (slice_thickness_mm / n_sub) / zooms[2]
     image = np.zeros(shape, np.float32)
@@ -244,7 +256,7 @@ def render(subject: Subject, model: HeadModel, shape, affine: np.ndarray, native
     for off in offsets:
         kk = k + np.float32(off)
         coords = [m[c, 0] * i + m[c, 1] * j + m[c, 2] * kk + m[c, 3] + disp_full[c] for c in range(3)]
-        part = ndimage.map_coordinates(model.t1, coords, order=1, mode="constant", cval=0.0)
+        part = ndimage.map_coordinates(head_t1, coords, order=1, mode="constant", cval=0.0)
         if face is not None:
             face += ndimage.map_coordinates(model.face.astype(np.uint8), coords, order=0, mode="constant")
         if brain is not None:
@@ -288,6 +300,33 @@ def template_dseg(subject: Subject) -> np.ndarray:
         idx = idx[keep]
         out[idx[:, 0], idx[:, 1], idx[:, 2]] = np.where(out[idx[:, 0], idx[:, 1], idx[:, 2]] == 0, label,
                                                         out[idx[:, 0], idx[:, 1], idx[:, 2]])
+    return out
+
+
+def pathology_dseg(subject: Subject, model: HeadModel, *, clear_lesions: bool = True) -> np.ndarray:
+    """The subject's pathology labels (:data:`.pathology.LABELS`) on the template grid (the lesions' space:
+    template world before the subject's deformation), sampled nearest-neighbour through the deformation.
+    ``clear_lesions`` sets every lesion voxel to 0 (the changes keep 2 mm away from the lesions, so this
+    is a guarantee, not a correction)."""
+    anat = template_anatomy()
+    out = np.zeros(anat.brain.shape, np.uint8)
+    if subject.pathology is None:
+        return out
+    affine = get_template().affine
+    shape = out.shape
+    coarse, weights = zip(*(_interp_weights(n, 4) for n in shape))
+    cgrid = np.stack(np.meshgrid(*coarse, indexing="ij"), axis=-1).astype(np.float32)
+    cpts = cgrid @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    head_inv = np.linalg.inv(model.affine)
+    disp_idx = subject.deformation(cpts) @ head_inv[:3, :3].T.astype(np.float32)
+    m = (head_inv @ affine).astype(np.float32)
+    i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
+    i, j, k = i[:, None, None], j[None, :, None], k[None, None, :]
+    coords = [m[c, 0] * i + m[c, 1] * j + m[c, 2] * k + m[c, 3] + _upsample(disp_idx[..., c], weights)
+              for c in range(3)]
+    out = ndimage.map_coordinates(subject.pathology.labels, coords, order=0, mode="constant", cval=0)
+    if clear_lesions:
+        out[template_dseg(subject) > 0] = 0
     return out
 
 
