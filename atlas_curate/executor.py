@@ -33,7 +33,7 @@ EXECUTORS = ("local", "dask")
 #: holds the head, the template, antspyx's pyramids and the resampled outputs; see benchmarks/README.md).
 #: ``default_jobs`` divides the available memory by these so that ``--jobs``'s default never swaps.
 WORKER_MEMORY_GIB = {
-    "synth": 1.25,      # 1.0 without pathology (synth --no-pathology)
+    "synth": 1.25,      # with synth --pathology; 1.0 without
     "bids-convert": 0.8,
     "normalize": 2.0,
     "overlap-map": 0.5,

@@ -33,7 +33,7 @@ The truth (``<OUT>-truth``) is as for the other flavours: ``truth.json`` (per sc
 the grid, the lesions, where its files are, whether it is brain-extracted), ``lesions.tsv``, the lesions on the
 template grid (``masks/<scan>_space-MNI152NLin2009aSym_desc-lesions_dseg.nii.gz``) and the subject's brain on
 the scan's grid before extraction (``brain_masks/<scan>_space-orig_desc-brain_mask.nii.gz``), and, with pathology
-(the default, as for the other flavours), the subject's pathology labels and ``pathology.tsv``.
+(``pathology=True``, as for the other flavours), the subject's pathology labels and ``pathology.tsv``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ The truth goes to a separate folder (default ``<OUT>-truth``) so that no convert
 * ``pathology.tsv``: per scan the subject's pathology (Fazekas grades, as rendered and as reported in the
   metadata, intensities, atrophy, counts, volumes on the template grid).
 
-Pathology (``pathology=True``, the default; :mod:`atlas_curate.synth.pathology`) is part of every flavour:
+Pathology (``pathology=True``, ``synth --pathology``; off by default for now, see the README;
+:mod:`atlas_curate.synth.pathology`) works in every flavour:
 the subject's brain is rendered with atrophy, white-matter hyperintensities following its Fazekas grades (the
 grades the metadata reports), perivascular spaces and ex-vacuo enlargement of the ventricle beside a large
 lesion, and its lesions get a CSF-dark cavity and a grey-matter-like rim. ``pathology=False`` renders the clean
@@ -513,7 +514,7 @@ def synthesize(out: os.PathLike | str, *, subjects: int = 8, seed: int = 0, flav
 
     Returns the truth dictionary. Output is a pure function of (subjects, seed, flavour, faults, pathology) and,
     for ``flavour="bids"``, of ``layout``, ``brain_extracted`` and ``masks`` (see :mod:`atlas_curate.synth.bids`).
-    ``pathology`` (default) renders atrophy, white-matter hyperintensities, perivascular spaces, ex-vacuo
+    ``pathology`` renders atrophy, white-matter hyperintensities, perivascular spaces, ex-vacuo
     ventricles and realistic lesion cavities (:mod:`atlas_curate.synth.pathology`); ``False`` the clean anatomy.
     """
     if flavour == "bids":
