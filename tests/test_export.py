@@ -83,6 +83,26 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def differences(a: Path, b: Path, files: list[str]) -> list[str]:
+    """Each file whose bytes differ between two exports, with what differs (text: the lines; NIfTI: header fields
+    and voxel count), so a mismatch says where it is."""
+    found = []
+    for f in files:
+        if sha(a / f) == sha(b / f):
+            continue
+        if f.endswith(".nii.gz"):
+            x, y = nib.load(a / f), nib.load(b / f)
+            fields = [k for k in x.header.keys() if not np.array_equal(x.header[k], y.header[k])]
+            voxels = int(np.count_nonzero(np.asanyarray(x.dataobj) != np.asanyarray(y.dataobj))) \
+                if x.shape == y.shape else -1
+            found.append(f"{f}: header fields {fields}, {voxels} voxels differ")
+        else:
+            pairs = zip((a / f).read_text().splitlines(), (b / f).read_text().splitlines())
+            lines = [(u, v) for u, v in pairs if u != v]
+            found.append(f"{f}: {lines[:3]}")
+    return found
+
+
 def stems(folder: Path, suffix: str) -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
 
@@ -227,7 +247,7 @@ def test_export_on_dask_writes_the_same_files(tmp_path):
                              scheduler=cluster.scheduler_address)
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(dask).as_posix() for p in dask.rglob("*") if p.is_file())
-    assert all(sha(local / f) == sha(dask / f) for f in files)
+    assert all(sha(local / f) == sha(dask / f) for f in files), differences(local, dask, files)
 
 
 def test_existing_export_needs_overwrite_which_drops_stale_cases(tmp_path):
