@@ -92,7 +92,7 @@ def differences(a: Path, b: Path, files: list[str]) -> list[str]:
             continue
         if f.endswith(".nii.gz"):
             x, y = nib.load(a / f), nib.load(b / f)
-            fields = [k for k in x.header.keys() if not np.array_equal(x.header[k], y.header[k])]
+            fields = [k for k in x.header.keys() if x.header[k].tobytes() != y.header[k].tobytes()]
             voxels = int(np.count_nonzero(np.asanyarray(x.dataobj) != np.asanyarray(y.dataobj))) \
                 if x.shape == y.shape else -1
             found.append(f"{f}: header fields {fields}, {voxels} voxels differ")
