@@ -17,8 +17,10 @@ Each method is scored on the test scans with :mod:`atlas_curate.metrics` (DSC, 6
 2022 scorer counts lesions, HD95), mean with a 95 % percentile-bootstrap CI, and again after post-processing
 (:mod:`atlas_curate.postprocess`: components outside the brain and components under a minimum size removed; the
 naive detectors choose the size on train + dev, the model uses its run's choice) when that module is
-installed. Then the mean DSC per lesion-size bin. ``--compare-clean`` runs the naive detectors on a release of
-the same subjects without pathology (``synth --no-pathology``) too, and prints both.
+installed. Then the paired DSC difference of the model and each naive detector on the same scans (bootstrap
+CI of its mean; the rows' own CIs overlap at this size), and the mean DSC per lesion-size bin.
+``--compare-clean`` runs the naive detectors on a release of the same subjects without pathology
+(``synth --no-pathology``) too, and prints both.
 
     python benchmarks/bench_segmentation.py                                  # 60 subjects, quick preset
     python benchmarks/bench_segmentation.py --skip-model --compare-clean     # the naive detectors only
@@ -310,6 +312,30 @@ def print_table(title: str, results: dict[str, list[dict]], volumes_mm3: np.ndar
         print(f"{name:<50}  " + "  ".join(cells))
 
 
+def print_paired(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each model row against each naive row on the same test scans: the mean per-scan DSC difference with a
+    95 % percentile-bootstrap CI over scans (paired: the scans' own differences are resampled) and the scans
+    where the model scores higher / lower. Returns those figures by "model row - naive row"."""
+    from atlas_curate.metrics import bootstrap_ci
+
+    models = [name for name in results if name.startswith("model")]
+    naive = [name for name in results if not name.startswith("model")]
+    if not models or not naive:
+        return {}
+    print("\npaired DSC difference on the same test scans (model - naive; 95% bootstrap CI over scans)")
+    figures = {}
+    for m in models:
+        for n in naive:
+            diff = np.array([a["dsc"] - b["dsc"] for a, b in zip(results[m], results[n])], float)
+            low, high = bootstrap_ci(diff, n_resamples=1000, seed=0)
+            wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+            figures[f"{m} - {n}"] = {"mean": float(diff.mean()), "ci": [low, high], "model_higher": wins,
+                                      "model_lower": losses}
+            print(f"  {m.split(' (')[0]:<26} - {n:<50} {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]  "
+                  f"higher on {wins}, lower on {losses} of {diff.size}")
+    return figures
+
+
 def naive_results(scans: Scans, post) -> dict[str, list[dict]]:
     test = np.flatnonzero(scans.rows("test"))
     tuning = np.flatnonzero(scans.rows("train", "dev"))
@@ -396,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             print("[bench] note: the run chose no post-processing (no postprocess.json): no model row after it")
     print_table(f"test scans of {release.name} ({len(test)} scans; lesion F1: 6-connected, the ATLAS 2022 scorer)",
                 results, volumes)
+    paired = print_paired(results)
     doc = {"release": str(release), "split": str(split_tsv), "test_scans": [scans.names[i] for i in test],
-           "results": {k: v for k, v in results.items()}}
+           "results": {k: v for k, v in results.items()}, "paired_dsc_difference": paired}
 
     if args.compare_clean:
         del scans
