@@ -521,26 +521,26 @@ def test_lesion_intensity_overlaps_csf(native_release):
 # ---------------------------------------------------------------------------------------------- pathology
 
 
-@pytest.fixture(scope="module")
-def pathology_native_release(tmp_path_factory):
-    """The session fixture ``native_release`` again, with pathology (``synth --pathology``)."""
+def _pathology_release(tmp_path_factory, flavour: str, subjects: int, seed: int):
+    """A release with its truth, built with pathology (``synth --pathology``) and the faults."""
     from conftest import Release
 
-    base = tmp_path_factory.mktemp("native-pathology")
-    synthesize(base / "release", subjects=4, seed=3, flavour="native", faults=True, truth=base / "truth",
+    base = tmp_path_factory.mktemp(f"{flavour}-pathology")
+    synthesize(base / "release", subjects=subjects, seed=seed, flavour=flavour, faults=True, truth=base / "truth",
                jobs=2, progress=False, pathology=True)
     return Release(base / "release", base / "truth")
+
+
+@pytest.fixture(scope="module")
+def pathology_native_release(tmp_path_factory):
+    """The session fixture ``native_release`` again, with pathology."""
+    return _pathology_release(tmp_path_factory, "native", subjects=4, seed=3)
 
 
 @pytest.fixture(scope="module")
 def pathology_standard_release(tmp_path_factory):
     """The session fixture ``standard_release`` again, with pathology."""
-    from conftest import Release
-
-    base = tmp_path_factory.mktemp("standard-pathology")
-    synthesize(base / "release", subjects=3, seed=5, flavour="standard", faults=True, truth=base / "truth",
-               jobs=2, progress=False, pathology=True)
-    return Release(base / "release", base / "truth")
+    return _pathology_release(tmp_path_factory, "standard", subjects=3, seed=5)
 
 
 def test_pathology_is_per_subject_and_never_on_a_lesion(pathology_native_release, pathology_standard_release):
