@@ -12,7 +12,9 @@ the real Colin27 head). Here registration is done in stages:
    centres of the two head tops, not from the centres of mass of whole fields of view. It runs on the
    uncorrected image, meanwhile
 2. bias field: N4 on the 4 mm copy inside a head mask down to ``BIAS_TOP_MM`` below the top of the head (a
-   field fitted over shoulders too is too coarse over the brain), interpolated to full resolution;
+   field fitted over shoulders too is too coarse over the brain), on the box around that mask only (N4's
+   B-spline mesh spans its whole input: over a large field of view with shoulders its elements are wider,
+   and the brain gets another field than in a tight one), interpolated to full resolution;
 3. brain stage, in rounds: on real heads the head stage is often 4-16 mm and several degrees off
    (scalp, fat and face differ from the shell), so the template's brain mask pulled back through it cuts
    brain on one side and keeps bright scalp on the other. So each round draws the brain from the image
@@ -25,7 +27,10 @@ the real Colin27 head). Here registration is done in stages:
    Rounds stop (after the second) once the transform moves less than ``BRAIN_CONVERGED_MM``; the round kept
    is the one whose whole bias-corrected image (not skull-stripped: no round's mask enters the comparison)
    correlates best with the template brain outside the lesion, since a mask drawn far off can send a
-   round away from the brain;
+   round away from the brain. The T1 and the template are blurred to the 4 mm grid's resolution before
+   they are sampled on it (``downsample``), for this stage and the next, so that scans of any grid and
+   thick-slice axis look alike there (the head stage keeps the plain 4 mm samples: its target is a
+   synthetic shell, and it was measured to lose a tilted head when blurred);
 4. least-squares refinement: brains differ from the template non-linearly (several mm), so "the" affine
    is defined as the least-squares affine fit of the true correspondence over the template's brain
    voxels, each voxel weighing the same. An intensity-driven affine stage instead weighs voxels by their
@@ -33,8 +38,11 @@ the real Colin27 head). Here registration is done in stages:
    brains. So a coarse, strongly regularised SyN deformation (15 iterations on the 4 mm template
    grid cropped to the brain, cross-correlation, update field smoothed over 24 mm, same masks)
    is estimated on top of the brain affine, and the affine is replaced by ``brain affine o (identity +
-   least-squares affine fit of the SyN displacement over every 4th template brain voxel)``. The
-   deformation itself is discarded: the output is one 12-parameter affine.
+   least-squares affine fit of the SyN displacement over every 4th template brain voxel)``. One such
+   SyN recovers about half of the affine part still missing (the first moves 1-2 mm over the brain, the
+   next a third of that), so it is repeated ``REFINE_ROUNDS`` times, each from the last refined affine:
+   what is left depends far less on where the brain stage ended. The deformation itself is discarded:
+   the output is one 12-parameter affine.
 
 A brain mask given by the caller (a mask from another tool) replaces the image-driven one in step 3.
 
@@ -94,12 +102,14 @@ MASK_REACH_MM = 10.0        # the mask stays within this distance of the pulled-
 MASK_CUT_MM = 6.0           # erosion that cuts tissue bridges to scalp, eyes and neck
 MASK_TISSUE = 0.5          # tissue threshold of that mask, a fraction of the white-matter peak
 SYN_SPACING_MM = 4.0         # the coarse grid: N4, head stage (head_4mm) and SyN
+REFINE_ROUNDS = 3            # SyN refinements, each from the last one's affine (see ``_brain_stage``)
 SYN_ITERATIONS = (15,)       # at 4 mm (one level: the affine stages have done the coarse work)
 SYN_STEP = 0.25              # gradient step
 SYN_MARGIN = 2               # voxels of the 4 mm grid kept around the template brain
 POINT_STRIDE = 4             # every 4th template brain voxel enters the least-squares fit
 SYN_CC_RADIUS = 1             # voxels (4 mm)
 SYN_FLOW_SIGMA = 6            # voxels of the 4 mm grid (24 mm: the scale of anatomical variation)
+FWHM_PER_SIGMA = 2.3548      # a Gaussian's full width at half maximum over its sigma
 EXTRACTED_MIN_ML = 300.0     # a brain-extracted T1's non-zero region must be brain-sized (``extracted_brain``)
 EXTRACTED_MAX_ML = 3000.0    # (a brain with a 2 mm rim is ~1.2-2.0 l; a whole head 4 l and more)
 EXTRACTED_MARGIN_MM = 8.0    # a brain-extracted T1 is cropped to its non-zero box plus this margin
@@ -146,17 +156,30 @@ def _template_images(key: str) -> dict[str, ants.ANTsImage]:
     }
     out = {k: to_ants(v) for k, v in images.items()}
     brain_spacing = (BRAIN_SPACING_MM,) * 3
-    out["t1_brain"] = ants.resample_image(out["t1"], brain_spacing, use_voxels=False, interp_type=0)
+    out["t1_brain"] = downsample(out["t1"], BRAIN_SPACING_MM)
     out["brain_dil2_brain"] = ants.resample_image(out["brain_dil2"], brain_spacing, use_voxels=False, interp_type=1)
     out["head_4mm"] = ants.resample_image(out["head"], (4, 4, 4), use_voxels=False, interp_type=0)
     spacing = (SYN_SPACING_MM,) * 3
-    t1_syn = ants.resample_image(out["t1"], spacing, use_voxels=False, interp_type=0)
+    t1_syn = downsample(out["t1"], SYN_SPACING_MM)
     brain_syn = ants.resample_image(out["brain_dil2"], spacing, use_voxels=False, interp_type=1)
     # SyN's domain: the 4 mm template cropped to its (dilated) brain plus SYN_MARGIN voxels (a third fewer voxels)
     box = ants.iMath(brain_syn, "MD", SYN_MARGIN) if SYN_MARGIN else brain_syn
     out["t1_syn"] = ants.crop_image(t1_syn, box)
     out["brain_dil2_syn"] = ants.crop_image(brain_syn, box)
     return out
+
+
+def downsample(img: ants.ANTsImage, spacing_mm: float) -> ants.ANTsImage:
+    """``img`` on an isotropic ``spacing_mm`` grid, each voxel axis first blurred by a Gaussian that brings its
+    resolution to that spacing (FWHM = ``spacing_mm``; an axis already as coarse is not blurred).
+
+    Sampling a 1 mm image every 4 mm keeps one voxel in 64 and aliases its fine structure differently for every
+    pose and grid; a 0.9 x 0.9 x 3 mm scan sampled so is sharp in-plane and blurred along its thick axis,
+    whatever way that axis points. Blurred first, the template and every scan look alike at the coarse grid."""
+    sigma = [float(np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0))) / FWHM_PER_SIGMA for s in img.spacing]
+    if max(sigma) > 0:
+        img = ants.smooth_image(img, sigma, sigma_in_physical_coordinates=True)
+    return ants.resample_image(img, (spacing_mm,) * 3, use_voxels=False, interp_type=0)
 
 
 def brain_points_lps(key: str = TEMPLATE_KEY) -> np.ndarray:
@@ -253,10 +276,18 @@ def head_mask(img: ants.ANTsImage) -> ants.ANTsImage:
 
 def bias_field(small: ants.ANTsImage) -> ants.ANTsImage:
     """N4 bias field of a (4 mm) image inside its head mask; positive everywhere."""
-    field = ants.n4_bias_field_correction(small, mask=head_mask(small), shrink_factor=2, return_bias_field=True)
+    mask = head_mask(small)
+    inside = np.argwhere(mask.numpy() > 0)
+    lo = np.maximum(inside.min(axis=0) - 2, 0)
+    hi = np.minimum(inside.max(axis=0) + 3, small.shape)
+    field = ants.n4_bias_field_correction(ants.crop_indices(small, lo.tolist(), hi.tolist()),
+                                          mask=ants.crop_indices(mask, lo.tolist(), hi.tolist()),
+                                          shrink_factor=2, return_bias_field=True)
     values = field.numpy()
     values[~(values > 1e-3)] = 1.0
-    return field.new_image_like(values)
+    # outside the box: the field at the box's nearest face (it multiplies neck and shoulders only)
+    values = np.pad(values, [(a, n - b) for a, b, n in zip(lo, hi, small.shape)], mode="edge")
+    return small.new_image_like(values.astype(np.float32))
 
 
 def wm_peak(values: np.ndarray) -> float:
@@ -626,7 +657,8 @@ def register(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *, temp
     clock.lap("prepare")
     try:
         bias = bias_field(head_top(small, BIAS_TOP_MM)[0])
-        small_corrected = robust_scale(small / bias)
+        # the brain rounds and the refinement see the scan blurred to the 4 mm grid's resolution (``downsample``)
+        small_corrected = robust_scale(downsample(native, SYN_SPACING_MM) / bias)
         corrected, lesion_keep = _corrected(native, bias, lesion)
         clock.lap("bias_field")
         stage = head.result()
@@ -734,9 +766,17 @@ def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.AN
     final = os.path.join(tmp, "final.mat")
     if refine:
         moving, moving_mask = stripped(small_corrected, own_small)
-        fit = _syn_fit(tpl["t1_syn"], moving, initial=stage["fwdtransforms"][0], fixed_mask=tpl["brain_dil2_syn"],
-                       moving_mask=moving_mask, outprefix=os.path.join(tmp, "syn_"), keep=lesion_keep)
-        write_ants_affine(read_ants_affine(stage["fwdtransforms"][0]) @ fit, final)
+        current = stage["fwdtransforms"][0]
+        for r in range(REFINE_ROUNDS):
+            fit = _syn_fit(tpl["t1_syn"], moving, initial=current, fixed_mask=tpl["brain_dil2_syn"],
+                           moving_mask=moving_mask, outprefix=os.path.join(tmp, f"syn{r}_"), keep=lesion_keep)
+            refined = os.path.join(tmp, f"refined{r}.mat")
+            write_ants_affine(read_ants_affine(current) @ fit, refined)
+            step = fit - np.eye(4)
+            change = float(np.linalg.norm(points @ step[:3, :3].T + step[:3, 3], axis=1).mean())
+            clock.seconds[f"refine_round{r}_change_mm"] = round(change, 3)
+            current = refined
+        shutil.copyfile(current, final)
     else:
         shutil.copyfile(stage["fwdtransforms"][0], final)
     clock.lap("refinement")
@@ -812,7 +852,7 @@ def register_brain(t1: nib.Nifti1Image, lesion: nib.Nifti1Image | None = None, *
     values = field.numpy()
     values[~(values > 1e-3)] = 1.0
     bias = field.new_image_like(values)
-    small_corrected = robust_scale(small / bias)
+    small_corrected = robust_scale(downsample(native, SYN_SPACING_MM) / bias)
     corrected, lesion_keep = _corrected(native, bias, lesion)
     clock.lap("bias_field")
     return _brain_stage(tpl, template, stage, small_corrected, corrected, lesion, lesion_keep, given,
