@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from atlas_curate.normalize.register import (
+    REFINE_ROUNDS,
     _syn_fit,
     ants_affine_to_ras,
     brain_points_lps,
@@ -43,25 +44,37 @@ def test_ants_affine_file_roundtrip(tmp_path):
 
 def test_syn_fit_recovers_a_known_affine(tmp_path):
     """Moving = template resampled through a known affine S (fixed -> moving points S^-1 ... see below); the
-    least-squares fit of the SyN displacement, started from the identity, must be that affine."""
+    least-squares fit of the SyN displacement, started from the identity, must be that affine: one fit most of
+    the way, the ``REFINE_ROUNDS`` fits of ``register`` (each from the last) all of it, without a scale bias."""
     tpl = template_images()
     fixed = tpl["t1_syn"]
     s_lps = _affine()                      # fixed point p -> point S p whose template value moving shows at p
     s_path = str(tmp_path / "s.mat")
     write_ants_affine(s_lps, s_path)
     moving = ants.apply_transforms(tpl["t1"], tpl["t1"], [s_path], interpolator="linear")
-    moving = downsample(moving, 4.0)       # as ``register`` brings a scan to the 4 mm grid (the template too)
-    identity = str(tmp_path / "identity.mat")
-    write_ants_affine(np.eye(4), identity)
-    fit = _syn_fit(fixed, moving, initial=identity, fixed_mask=tpl["brain_dil2_syn"], moving_mask=None,
-                   outprefix=str(tmp_path / "syn_"))
+    moving = downsample(moving, 4.0)       # as ``register`` brings a scan to the 4 mm grid
+    current = str(tmp_path / "identity.mat")
+    write_ants_affine(np.eye(4), current)
     # moving(p) = T(S p); fixed(x) = T(x) = moving(S^-1 x): the fixed -> moving point map is S^-1
     expected = np.linalg.inv(s_lps)
     points = brain_points_lps()
-    error = np.linalg.norm(points @ (fit - expected)[:3, :3].T + (fit - expected)[:3, 3], axis=1)
     start = np.linalg.norm(points @ (np.eye(4) - expected)[:3, :3].T + (np.eye(4) - expected)[:3, 3], axis=1)
+    errors, log_det = [], 0.0
+    for r in range(REFINE_ROUNDS):
+        fit = _syn_fit(fixed, moving, initial=current, fixed_mask=tpl["brain_dil2_syn"], moving_mask=None,
+                       outprefix=str(tmp_path / f"syn{r}_"))
+        refined = read_ants_affine(current) @ fit
+        current = str(tmp_path / f"refined{r}.mat")
+        write_ants_affine(refined, current)
+        error = np.linalg.norm(points @ (refined - expected)[:3, :3].T + (refined - expected)[:3, 3], axis=1)
+        errors.append(float(error.mean()))
+        log_det = float(np.log(np.linalg.det(refined[:3, :3] @ np.linalg.inv(expected[:3, :3]))))
     assert start.mean() > 2.0  # the affine is far from the identity ...
-    assert error.mean() < 0.3, (error.mean(), start.mean())  # ... and recovered by the fit
+    assert errors[0] < 0.5, (errors, start.mean())  # ... one fit recovers most of it ...
+    # ... and the rounds all of it (0.12 mm; with the template blurred no wider than the resampled one, 0.32 mm
+    # and a 1 % volume error, log det -0.0105: the softer brain edge of a resampled image was read as scale)
+    assert errors[-1] < 0.2, (errors, start.mean())
+    assert abs(log_det) < 0.005, (log_det, errors)
 
 
 def _small_head_pair():
