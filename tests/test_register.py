@@ -59,7 +59,7 @@ def test_syn_fit_recovers_a_known_affine(tmp_path):
     expected = np.linalg.inv(s_lps)
     points = brain_points_lps()
     start = np.linalg.norm(points @ (np.eye(4) - expected)[:3, :3].T + (np.eye(4) - expected)[:3, 3], axis=1)
-    errors, log_det = [], 0.0
+    errors = []
     for r in range(REFINE_ROUNDS):
         fit = _syn_fit(fixed, moving, initial=current, fixed_mask=tpl["brain_dil2_syn"], moving_mask=None,
                        outprefix=str(tmp_path / f"syn{r}_"))
@@ -68,7 +68,7 @@ def test_syn_fit_recovers_a_known_affine(tmp_path):
         write_ants_affine(refined, current)
         error = np.linalg.norm(points @ (refined - expected)[:3, :3].T + (refined - expected)[:3, 3], axis=1)
         errors.append(float(error.mean()))
-        log_det = float(np.log(np.linalg.det(refined[:3, :3] @ np.linalg.inv(expected[:3, :3]))))
+    log_det = float(np.log(np.linalg.det(refined[:3, :3] @ np.linalg.inv(expected[:3, :3]))))
     assert start.mean() > 2.0  # the affine is far from the identity ...
     assert errors[0] < 0.5, (errors, start.mean())  # ... one fit recovers most of it ...
     # ... and the rounds all of it (0.12 mm; with the template blurred no wider than the resampled one, 0.32 mm

@@ -696,6 +696,11 @@ def _corrected(native: ants.ANTsImage, bias: ants.ANTsImage, lesion: nib.Nifti1I
     return native.new_image_like(data), lesion_keep
 
 
+def _mean_move(points: np.ndarray, delta: np.ndarray) -> float:
+    """Mean length of ``delta``'s displacement (the difference of two 4x4 affines) over ``points`` (n x 3)."""
+    return float(np.linalg.norm(points @ delta[:3, :3].T + delta[:3, 3], axis=1).mean())
+
+
 def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.ANTsImage,
                  corrected: ants.ANTsImage, lesion: nib.Nifti1Image | None, lesion_keep: ants.ANTsImage | None,
                  given: ants.ANTsImage | None, *, brain_passes: int, refine: bool, tmp: str,
@@ -761,7 +766,7 @@ def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.AN
         if best_round is None or whole > best_round[0]:
             best_round = (whole, stage)
         new = read_ants_affine(stage["fwdtransforms"][0])
-        change = float(np.linalg.norm(points @ (new - current)[:3, :3].T + (new - current)[:3, 3], axis=1).mean())
+        change = _mean_move(points, new - current)
         clock.seconds[f"brain_round{n}_change_mm"] = round(change, 3)
         if n >= 1 and change < BRAIN_CONVERGED_MM:
             break
@@ -780,9 +785,7 @@ def _brain_stage(tpl: dict, template: str, stage: dict, small_corrected: ants.AN
                            moving_mask=moving_mask, outprefix=os.path.join(tmp, f"syn{r}_"), keep=lesion_keep)
             refined = os.path.join(tmp, f"refined{r}.mat")
             write_ants_affine(read_ants_affine(current) @ fit, refined)
-            step = fit - np.eye(4)
-            change = float(np.linalg.norm(points @ step[:3, :3].T + step[:3, 3], axis=1).mean())
-            clock.seconds[f"refine_round{r}_change_mm"] = round(change, 3)
+            clock.seconds[f"refine_round{r}_change_mm"] = round(_mean_move(points, fit - np.eye(4)), 3)
             current = refined
         shutil.copyfile(current, final)
     else:
